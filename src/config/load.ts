@@ -74,11 +74,12 @@ export function parseConfig(text: string, options: { source: string; baseDir: st
   const raw: unknown = doc.toJS() ?? {};
   const result = configSchema.safeParse(raw);
   if (!result.success) {
-    throw new ConfigError(options.source, result.error.issues.map((issue) => ({
-      path: formatPath(issue.path),
-      message: describeIssue(issue),
-      line: lineOf(nodeAt(doc.contents, issue.path)?.range?.[0]),
-    })));
+    throw new ConfigError(options.source, result.error.issues.map((zodIssue) => {
+      const issue = unwrapUnion(zodIssue);
+      const path = [...zodIssue.path, ...(issue === zodIssue ? [] : issue.path)];
+      const keyPath = issue.code === 'unrecognized_keys' ? [...path, issue.keys[0]!] : path;
+      return { path: formatPath(path), message: describeIssue(issue), line: lineOf(nodeAt(doc.contents, keyPath)?.range?.[0]) };
+    }));
   }
   const issues: ConfigIssue[] = [];
   const config = resolveConfig(result.data, options, (path, message) => {
@@ -130,6 +131,15 @@ export function resolveConfig(
     sites,
   };
   return deepFreeze(config);
+}
+
+/** For a value that matched no branch of a union, the issue of the branch that came closest:
+ * one that failed on a rule rather than on the type. */
+function unwrapUnion(issue: z.core.$ZodIssue): z.core.$ZodIssue {
+  if (issue.code !== 'invalid_union' || issue.errors.length === 0) return issue;
+  const branch = issue.errors.find((errors) => errors.some((e) => e.code !== 'invalid_type')) ?? issue.errors[0]!;
+  const inner = branch.find((e) => e.code !== 'invalid_type') ?? branch[0];
+  return inner ? unwrapUnion(inner) : issue;
 }
 
 function describeIssue(issue: z.core.$ZodIssue): string {

@@ -8,14 +8,15 @@ import ms from 'ms';
 
 /**
  * Parse a duration string into milliseconds.
- * @param value a string with a unit (`"250ms"`, `"10s"`, `"5m"`) or a number already in ms.
+ * @param value a string with a unit (`"250ms"`, `"10s"`, `"5m"`), or the number 0.
  * @returns the duration in milliseconds (integer, >= 0).
  * @throws {RangeError} when the string has no recognisable unit or is negative.
  */
 export function parseDuration(value: string | number): number {
   if (typeof value === 'number') {
-    if (!Number.isFinite(value) || value < 0) throw new RangeError(`expected a duration >= 0, got ${value}`);
-    return Math.round(value);
+    // Only 0 needs no unit; any other bare number is ambiguous (ms? seconds?), as in Caddy.
+    if (value === 0) return 0;
+    throw new RangeError(`expected a duration with a unit such as "250ms", "10s" or "5m", got ${value}`);
   }
   const trimmed = value.trim();
   // A bare number in a string is ambiguous ("10" ms or s?): require a unit, as Caddy does.
