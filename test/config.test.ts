@@ -105,6 +105,8 @@ sites:
     await writeFile(file, 'listen:\n  https: "nope"\n');
     await assert.rejects(loadConfigFile(file), (error: Error) => error.message.includes(`listen.https: expected a port (0-65535) or "host:port", got "nope" (${file}:2)`));
     await assert.rejects(loadConfigFile(join(dir, 'missing.yaml')), /cannot read the config file/);
+    const example = await loadConfigFile(new URL('../config/gatehouse.example.yaml', import.meta.url).pathname);
+    assert.equal(example.sites[0]!.routes[0]!.upstreams[1]!.weight, 2);
     const config = await loadConfigFile(EMBEDDED_DEFAULT_PATH);
     assert.equal(config.listen.https?.port, 8443);
     assert.equal(config.sites[0]!.tls, 'internal');
