@@ -7,7 +7,7 @@
  * are written with mode 0600.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
+import { link, mkdir, open, readFile, readdir, rename, rm } from 'node:fs/promises';
 import { dirname, join, relative, resolve, sep } from 'node:path';
 
 /** A key-value store of small files, keyed by slash-separated relative paths. */
@@ -20,6 +20,14 @@ export interface Storage {
   delete(key: string): Promise<void>;
   /** Keys directly or indirectly under a prefix (folder). */
   list(prefix: string): Promise<string[]>;
+  /**
+   * Create a value only when the key does not exist yet, atomically: readers see no value or the
+   * whole value, and of two concurrent callers (even in two processes) exactly one wins. The
+   * building block of locks (`acme/lock.ts`) and of keys that must be generated once (ACME account
+   * keys). Optional: a backend without it gets in-process locking only.
+   * @returns true when this call created the value, false when the key already existed.
+   */
+  storeExclusive?(key: string, value: string | Buffer, options?: { secret?: boolean }): Promise<boolean>;
 }
 
 /**
@@ -91,6 +99,35 @@ export class FileStorage implements Storage {
 
   async store(key: string, value: string | Buffer, options: { secret?: boolean } = {}): Promise<void> {
     await writeFileAtomic(this.pathOf(key), value, options.secret ? 0o600 : 0o644);
+  }
+
+  /**
+   * Write a temp file (fsync), then hard-link it to the key's path: link(2) fails with EEXIST when
+   * the path exists, so creation is exclusive across processes, and the linked file is complete
+   * from the first moment it is visible (an O_EXCL create followed by a write would not be).
+   */
+  async storeExclusive(key: string, value: string | Buffer, options: { secret?: boolean } = {}): Promise<boolean> {
+    const file = this.pathOf(key);
+    const mode = options.secret ? 0o600 : 0o644;
+    const folder = dirname(file);
+    await mkdir(folder, { recursive: true, mode: 0o700 });
+    const temp = `${file}.tmp-${randomBytes(6).toString('hex')}`;
+    const handle = await open(temp, 'wx', mode);
+    try {
+      await handle.writeFile(value);
+      await handle.chmod(mode);
+      await handle.sync();
+      await handle.close();
+      await link(temp, file);
+    } catch (error) {
+      await handle.close().catch(() => {});
+      if ((error as NodeJS.ErrnoException).code === 'EEXIST') return false;
+      throw error;
+    } finally {
+      await rm(temp, { force: true });
+    }
+    await syncFolder(folder);
+    return true;
   }
 
   async delete(key: string): Promise<void> {
