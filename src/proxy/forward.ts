@@ -1,0 +1,392 @@
+/**
+ * The proxy hot path: relays one client request (HTTP/1.x or HTTP/2 compat API) to one upstream over
+ * its undici pool and relays the answer back, streaming both bodies with backpressure.
+ *
+ * One `ProxyExchange` object per request is both undici's dispatch handler (the legacy
+ * onConnect/onHeaders/onData/onComplete/onError interface, which undici's HTTP/1.1 client calls
+ * directly with raw header buffers — the controller-style interface goes through an adapter that
+ * parses headers into objects) and the outcome handed to the access log. Client-side events reach
+ * it through module-level functions and a symbol on the response, so no closure is allocated per
+ * request.
+ */
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { constants as http2Constants, type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
+import { Readable } from 'node:stream';
+import type { Dispatcher } from 'undici';
+import type { TimeoutsConfig } from '../config/schema.js';
+import type { Upstream } from '../upstream/pool.js';
+import { classifyUpstreamError, errorBody, FAILURES, ProxyAbortError, type ProxyFailure } from './errors.js';
+import { newRequestHeadFacts, toClientResponseHeaders, toClientTrailers, toUpstreamRequestHeaders, type RequestHeadFacts } from './headers.js';
+
+/** A client request: `http.IncomingMessage` (HTTP/1.x, TLS or plain) or `http2.Http2ServerRequest`. */
+export type ClientRequest = IncomingMessage | Http2ServerRequest;
+/** A client response: `http.ServerResponse` or `http2.Http2ServerResponse`. */
+export type ClientResponse = ServerResponse | Http2ServerResponse;
+
+/** What `forward` needs besides the request and response; built by the router per request. */
+export interface ForwardTarget {
+  /** The upstream chosen by the balancer; `forward` increments/decrements its `inFlight`. */
+  readonly upstream: Upstream;
+  /**
+   * The request target sent upstream: path and query, starting with `/` (RFC 9112 §3.2.1
+   * origin-form). The router strips the route prefix before (`strip_prefix`), e.g. `/api/users?id=1`
+   * → `/users?id=1`; otherwise it passes `req.url`.
+   */
+  readonly path: string;
+  /** Largest request body in bytes (route `max_body`); 0 = no limit. Default 0. */
+  readonly maxBody?: number;
+  /**
+   * Per-request overrides of the upstream pool's timeouts (ms): `response_header` (504 when exceeded)
+   * and `body_idle` (the response is aborted). Default: the `Upstream`'s own timeouts.
+   */
+  readonly timeouts?: Partial<Pick<TimeoutsConfig, 'response_header' | 'body_idle'>>;
+  /** The client's IP address (`req.socket.remoteAddress`), appended to `X-Forwarded-For`. */
+  readonly clientIp: string;
+  /** `https` on the TLS listener, `http` on the plain one (`X-Forwarded-Proto`). */
+  readonly protocol: 'http' | 'https';
+  /** A request id chosen earlier (middleware). Default: the client's `X-Request-Id` if sane, else a new one. */
+  readonly requestId?: string;
+  /** Called once when the exchange is over (response ended, failed or the client left). */
+  readonly onDone?: (outcome: ForwardOutcome) => void;
+}
+
+/** The result of one exchange, for the access log and metrics. Valid only during `onDone`. */
+export interface ForwardOutcome {
+  /** Status sent to the client; 499 when the client left before any status was sent. */
+  readonly status: number;
+  /** Request body bytes sent upstream. */
+  readonly bytesIn: number;
+  /** Response body bytes received from the upstream and written to the client. */
+  readonly bytesOut: number;
+  /** The upstream's origin, e.g. `http://127.0.0.1:8080`. */
+  readonly upstream: string;
+  /** The failure code (`GH_UPSTREAM_REFUSED`, `GH_CLIENT_ABORTED`, ...) or `undefined` on success. */
+  readonly error: string | undefined;
+  /** The request id sent upstream and returned in `X-Request-Id`. */
+  readonly requestId: string;
+  /** The original host (`Host` or `:authority`). */
+  readonly host: string;
+}
+
+/**
+ * Forwards one request to `target.upstream` and streams the answer to the client.
+ *
+ * - Headers: see `proxy/headers.ts` (hop-by-hop removal, `X-Forwarded-*`, `Via`, `X-Request-Id`).
+ * - Bodies stream both ways with backpressure; nothing is buffered. Upstream trailers reach the
+ *   client (HTTP/1.1 chunked trailers, HTTP/2 trailing HEADERS); `TE: trailers` goes upstream when
+ *   the client sent it. Request trailers are not forwarded (undici cannot send them).
+ * - `maxBody`: 413 before contacting the upstream when `Content-Length` exceeds it; a body without
+ *   a length is counted and the exchange aborted with 413 (if no response header was sent yet).
+ * - Failures before the response header: 502 (refused, reset, DNS, TLS, invalid response), 504
+ *   (connect or response-header timeout), with a short text body. After the header: the client
+ *   response is aborted (HTTP/1.1 socket destroyed, HTTP/2 stream reset with INTERNAL_ERROR) so it
+ *   never looks complete.
+ * - The client leaving (socket closed, stream reset) aborts the upstream request, which frees (or
+ *   closes) its connection.
+ * - `Expect: 100-continue` is not forwarded; Node's server answers `100 Continue` itself.
+ *
+ * Never throws and never emits an unhandled 'error'.
+ *
+ * @param req the client request (plain `http.IncomingMessage` or `http2.Http2ServerRequest`).
+ * @param res its response.
+ * @param target upstream, path, limits, client facts and the completion callback.
+ */
+export function forward(req: ClientRequest, res: ClientResponse, target: ForwardTarget): void {
+  const exchange = new ProxyExchange(req, res, target);
+  exchange.start();
+}
+
+/**
+ * Sends a proxy error response (plain text, `X-Request-Id` when given) if no header was sent yet;
+ * e.g. 503 when the balancer found no available upstream. Never throws.
+ *
+ * @param close add `Connection: close` (HTTP/1.x only), for answers sent before the body was read.
+ */
+export function sendProxyError(res: ClientResponse, failure: ProxyFailure, requestId = '', close = false): void {
+  if (res.headersSent || res.writableEnded || res.destroyed) return;
+  const body = errorBody(failure);
+  const length = String(Buffer.byteLength(body));
+  try {
+    if (isHttp2Response(res)) {
+      const headers: Record<string, string> = { 'content-type': 'text/plain; charset=utf-8', 'content-length': length };
+      if (requestId !== '') headers['x-request-id'] = requestId;
+      res.writeHead(failure.status, headers);
+    } else {
+      const headers = ['Content-Type', 'text/plain; charset=utf-8', 'Content-Length', length];
+      if (requestId !== '') headers.push('X-Request-Id', requestId);
+      if (close) headers.push('Connection', 'close');
+      res.writeHead(failure.status, headers);
+    }
+    res.end(body);
+  } catch {
+    res.destroy();
+  }
+}
+
+const kExchange = Symbol('gatehouse.proxyExchange');
+
+interface ExchangeCarrier {
+  [kExchange]?: ProxyExchange;
+}
+
+/** One request's life; undici's dispatch handler (legacy interface) and the `ForwardOutcome`. */
+class ProxyExchange implements ForwardOutcome {
+  status = 0;
+  bytesIn = 0;
+  bytesOut = 0;
+  error: string | undefined = undefined;
+  readonly upstream: string;
+  requestId = '';
+  host = '';
+
+  private readonly http2: boolean;
+  private readonly maxBody: number;
+  private abortUpstream: ((error?: Error) => void) | null = null;
+  private resumeUpstream: (() => void) | null = null;
+  private headersSent = false;
+  /** The upstream side is over (onComplete or onError ran, or it was never dispatched). */
+  private finished = false;
+  private clientGone = false;
+  private drainListening = false;
+  private bodyTooLarge = false;
+
+  constructor(
+    private readonly req: ClientRequest,
+    private readonly res: ClientResponse,
+    private readonly target: ForwardTarget,
+  ) {
+    this.upstream = target.upstream.origin;
+    this.http2 = req.httpVersionMajor === 2;
+    this.maxBody = target.maxBody ?? 0;
+  }
+
+  start(): void {
+    const { req, res, target } = this;
+    const facts: RequestHeadFacts = newRequestHeadFacts();
+    const headers = toUpstreamRequestHeaders(req.rawHeaders, req.httpVersion, target, facts);
+    this.requestId = facts.requestId;
+    this.host = facts.host;
+    target.upstream.inFlight++;
+
+    (res as ExchangeCarrier)[kExchange] = this;
+    res.on('close', onClientClose);
+
+    if (this.maxBody > 0 && facts.contentLength > this.maxBody) {
+      this.fail(FAILURES.bodyTooLarge);
+      return;
+    }
+
+    let body: Readable | null = null;
+    if (this.http2) {
+      // An Http2ServerRequest must not be handed to undici: undici destroys its body stream when
+      // done, which would reset the HTTP/2 stream before the response is sent.
+      const stream = (req as Http2ServerRequest).stream;
+      if (facts.contentLength !== 0 && !stream.endAfterHeaders && !req.readableEnded) body = new RequestBody(req);
+    } else if (facts.contentLength > 0 || facts.chunked) {
+      body = req as IncomingMessage;
+    }
+
+    const timeouts = target.timeouts;
+    const options: Dispatcher.DispatchOptions = {
+      path: target.path,
+      method: req.method as Dispatcher.HttpMethod,
+      headers,
+      body,
+    };
+    if (timeouts?.response_header !== undefined) options.headersTimeout = timeouts.response_header;
+    if (timeouts?.body_idle !== undefined) options.bodyTimeout = timeouts.body_idle;
+    try {
+      // undici's types declare onBodySent(chunkSize); undici 7 calls it with the chunk itself.
+      target.upstream.pool.dispatch(options, this as unknown as Dispatcher.DispatchHandler);
+    } catch (error) {
+      // dispatch reports through onError; this only guards against a throwing handler.
+      this.onError(error as Error);
+    }
+  }
+
+  // ---- undici dispatch handler (legacy interface) ----
+
+  onConnect(abort: (error?: Error) => void): void {
+    this.abortUpstream = abort;
+    if (this.clientGone) abort(new ProxyAbortError(FAILURES.clientAborted));
+  }
+
+  onBodySent(chunk: Buffer | string): void {
+    this.bytesIn += chunk.length;
+    if (this.maxBody > 0 && this.bytesIn > this.maxBody) {
+      this.bodyTooLarge = true;
+      throw new ProxyAbortError(FAILURES.bodyTooLarge); // undici aborts the request: onError
+    }
+  }
+
+  onHeaders(statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
+    if (statusCode < 200) return true; // 1xx: Node answered 100-continue itself; others are dropped
+    this.resumeUpstream = resume;
+    if (this.clientGone) return true;
+    const headers = toClientResponseHeaders(rawHeaders, this.http2, this.requestId);
+    try {
+      (this.res as ServerResponse).writeHead(statusCode, headers as string[]);
+    } catch {
+      this.abortUpstream?.(new ProxyAbortError(FAILURES.badResponse));
+      return false;
+    }
+    this.headersSent = true;
+    this.status = statusCode;
+    return true;
+  }
+
+  onData(chunk: Buffer): boolean {
+    this.bytesOut += chunk.length;
+    if (this.clientGone) return true;
+    if ((this.res as ServerResponse).write(chunk)) return true;
+    if (!this.drainListening) {
+      this.drainListening = true;
+      this.res.on('drain', onClientDrain);
+    }
+    return false; // undici pauses the upstream socket until resume()
+  }
+
+  onComplete(trailers: string[] | Buffer[] | null): void {
+    if (this.finished) return;
+    this.finished = true;
+    if (!this.clientGone) {
+      const clientTrailers = toClientTrailers(trailers);
+      try {
+        if (clientTrailers !== undefined) this.res.addTrailers(clientTrailers);
+      } catch {
+        // Trailers the client protocol cannot carry are dropped; the body is complete.
+      }
+      this.res.end();
+    }
+    this.done();
+  }
+
+  onError(error: Error): void {
+    if (this.finished) return;
+    this.finished = true;
+    const failure = this.bodyTooLarge ? FAILURES.bodyTooLarge : classifyUpstreamError(error);
+    if (this.clientGone) {
+      this.error = FAILURES.clientAborted.code;
+    } else if (!this.headersSent) {
+      this.error = failure.code;
+      this.status = failure.status;
+      sendProxyError(this.res, failure, this.requestId, failure === FAILURES.bodyTooLarge);
+    } else {
+      this.error = failure.code;
+      abortClientResponse(this.res, this.http2);
+    }
+    this.done();
+  }
+
+  // ---- client side ----
+
+  /** The response closed: normal after the end, else the client went away. */
+  clientClosed(): void {
+    if (this.finished || this.clientGone) return;
+    this.clientGone = true;
+    if (!this.headersSent) this.status = FAILURES.clientAborted.status;
+    this.abortUpstream?.(new ProxyAbortError(FAILURES.clientAborted));
+    // Not yet connected: onConnect aborts as soon as undici calls it.
+  }
+
+  clientDrained(): void {
+    if (!this.finished && this.resumeUpstream !== null) this.resumeUpstream();
+  }
+
+  /** Fails before dispatching (e.g. 413 on Content-Length). */
+  private fail(failure: ProxyFailure): void {
+    this.finished = true;
+    this.error = failure.code;
+    this.status = failure.status;
+    sendProxyError(this.res, failure, this.requestId, true);
+    this.done();
+  }
+
+  private done(): void {
+    this.target.upstream.inFlight--;
+    const onDone = this.target.onDone;
+    if (onDone !== undefined) {
+      try {
+        onDone(this);
+      } catch {
+        // A failing access log must not break the proxy.
+      }
+    }
+  }
+}
+
+function onClientClose(this: ExchangeCarrier): void {
+  this[kExchange]?.clientClosed();
+}
+
+function onClientDrain(this: ExchangeCarrier): void {
+  this[kExchange]?.clientDrained();
+}
+
+function isHttp2Response(res: ClientResponse): res is Http2ServerResponse {
+  return (res as Http2ServerResponse).stream !== undefined;
+}
+
+/** Makes a started response visibly incomplete: destroy the HTTP/1.1 socket or reset the HTTP/2 stream. */
+function abortClientResponse(res: ClientResponse, http2: boolean): void {
+  if (http2) {
+    const stream = (res as Http2ServerResponse).stream;
+    if (!stream.destroyed) stream.close(http2Constants.NGHTTP2_INTERNAL_ERROR);
+  } else {
+    res.destroy();
+  }
+}
+
+const kBody = Symbol('gatehouse.requestBody');
+
+interface BodyCarrier {
+  [kBody]?: RequestBody;
+}
+
+/**
+ * The body of an HTTP/2 request as its own stream: backpressure goes through (the source is paused
+ * when the upstream socket is full), but undici destroying it (done or aborted) does not reset the
+ * client's stream. After an abort the rest of the client's body is read and dropped, so HTTP/2 flow
+ * control never stalls the connection.
+ */
+class RequestBody extends Readable {
+  constructor(private readonly source: ClientRequest) {
+    super();
+    (source as BodyCarrier)[kBody] = this;
+    source.on('data', onSourceData);
+    source.on('end', onSourceEnd);
+    source.on('error', onSourceError);
+    source.on('close', onSourceClose);
+  }
+
+  override _read(): void {
+    this.source.resume();
+  }
+
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    const source = this.source;
+    source.removeListener('data', onSourceData);
+    if (!source.readableEnded) source.resume(); // drain and drop
+    callback(error);
+  }
+}
+
+function onSourceData(this: BodyCarrier & Readable, chunk: Buffer): void {
+  const body = this[kBody];
+  if (body !== undefined && !body.destroyed && !body.push(chunk)) this.pause();
+}
+
+function onSourceEnd(this: BodyCarrier): void {
+  const body = this[kBody];
+  if (body !== undefined && !body.destroyed) body.push(null);
+}
+
+function onSourceError(this: BodyCarrier, error: Error): void {
+  const body = this[kBody];
+  if (body !== undefined && !body.destroyed) body.destroy(error);
+}
+
+function onSourceClose(this: BodyCarrier & Readable): void {
+  const body = this[kBody];
+  if (body !== undefined && !body.destroyed && !this.readableEnded) body.destroy(new ProxyAbortError(FAILURES.clientAborted));
+}

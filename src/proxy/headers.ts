@@ -1,0 +1,331 @@
+/**
+ * Header translation between the client and the upstream, in both directions.
+ *
+ * Request direction (client → upstream): one pass over `req.rawHeaders` (HTTP/1.x or HTTP/2, whose
+ * compat request exposes the pseudo-headers there too) that drops hop-by-hop fields (RFC 9110
+ * §7.6.1), the fields named by `Connection`, HTTP/2 pseudo-headers (RFC 9113 §8.3) and `Expect`,
+ * builds `Host` from `:authority` for HTTP/2 clients (RFC 9113 §8.3.1), and adds `X-Forwarded-For`,
+ * `X-Forwarded-Proto`, `X-Forwarded-Host`, `Via` (RFC 9110 §7.6.3) and `X-Request-Id`.
+ *
+ * Response direction (upstream → client): drops hop-by-hop fields and the fields named by
+ * `Connection`, so that an HTTP/2 client never gets a connection-specific field (RFC 9113 §8.2.2;
+ * Node's http2 throws on them), skips names and values Node would reject (without throwing),
+ * appends `Via` and sets `X-Request-Id`.
+ */
+
+/**
+ * Hop-by-hop header fields (lowercase), removed by every intermediary (RFC 9110 §7.6.1; RFC 9112
+ * §6.1 for Transfer-Encoding). `Proxy-Connection` is the non-standard field some clients still send;
+ * `Trailer` is removed because Gatehouse re-frames the body (and undici cannot send request
+ * trailers, so announcing them upstream would be false). HTTP/2 forbids all of these except `te:
+ * trailers` (RFC 9113 §8.2.2). Upgrade code keeps `connection`/`upgrade` itself.
+ */
+export const HOP_BY_HOP_HEADERS: readonly string[] = Object.freeze([
+  'connection',
+  'keep-alive',
+  'proxy-connection',
+  'te',
+  'trailer',
+  'transfer-encoding',
+  'upgrade',
+]);
+
+const HOP_BY_HOP = new Set<string>(HOP_BY_HOP_HEADERS);
+
+/** True when `lowercaseName` is a hop-by-hop field (see `HOP_BY_HOP_HEADERS`). */
+export function isHopByHopHeader(lowercaseName: string): boolean {
+  return HOP_BY_HOP.has(lowercaseName);
+}
+
+/** RFC 9110 §5.6.2 token: a valid field name. */
+const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+/** Characters Node (and undici) reject in a field value: controls other than HTAB, and DEL. */
+const INVALID_VALUE_CHAR = /[^\t\x20-\x7e\x80-\xff]/;
+/** A request id worth keeping: 1–200 visible ASCII characters. */
+const SANE_REQUEST_ID = /^[\x21-\x7e]{1,200}$/;
+
+/** True when `name` is a valid field name (RFC 9110 §5.1). */
+export function isValidHeaderName(name: string): boolean {
+  return TOKEN.test(name);
+}
+
+/** True when `value` is a field value Node's http and http2 modules accept (RFC 9110 §5.5). */
+export function isValidHeaderValue(value: string): boolean {
+  return !INVALID_VALUE_CHAR.test(value);
+}
+
+const REQUEST_ID_PREFIX = (Date.now().toString(36) + Math.random().toString(36).slice(2, 10)).slice(-14);
+let requestIdCounter = 0;
+
+/**
+ * A new request id: a per-process random prefix and a counter (`lx1k2f9a3bqz7c-1f`), unique within
+ * the process and very likely across processes; about 30× cheaper than `crypto.randomUUID()`.
+ */
+export function generateRequestId(): string {
+  requestIdCounter = (requestIdCounter + 1) | 0;
+  return `${REQUEST_ID_PREFIX}-${(requestIdCounter >>> 0).toString(36)}`;
+}
+
+/** The client-side facts the request headers need. */
+export interface ForwardedFor {
+  /** The client's IP address (the TCP peer), e.g. `203.0.113.7` or `2001:db8::1`. */
+  readonly clientIp: string;
+  /** The protocol the client used towards Gatehouse: `https` (TLS listener) or `http`. */
+  readonly protocol: 'http' | 'https';
+  /** A request id decided earlier (middleware); when absent the client's sane id is kept, else one is generated. */
+  readonly requestId?: string | undefined;
+}
+
+/** What the request-header translation learnt on the way; filled in by `toUpstreamRequestHeaders`. */
+export interface RequestHeadFacts {
+  /** The original host (`Host`, or `:authority` for HTTP/2); `''` when the client sent none. */
+  host: string;
+  /** The request id sent upstream and back to the client. */
+  requestId: string;
+  /** The `Content-Length` the client declared, or -1 when none. */
+  contentLength: number;
+  /** True when the client sent `Transfer-Encoding` (an HTTP/1.1 body of unknown length). */
+  chunked: boolean;
+  /** True when the client sent `TE: trailers` (forwarded as `te: trailers`). */
+  teTrailers: boolean;
+  /** Lowercased value of the client's `Upgrade` field, `''` when none. */
+  upgrade: string;
+}
+
+/** Returns a blank `RequestHeadFacts` to be filled by `toUpstreamRequestHeaders`. */
+export function newRequestHeadFacts(): RequestHeadFacts {
+  return { host: '', requestId: '', contentLength: -1, chunked: false, teTrailers: false, upgrade: '' };
+}
+
+/**
+ * Translates the client's request header fields into the flat `[name, value, ...]` list sent upstream.
+ *
+ * Removes: hop-by-hop fields and those `Connection` names (RFC 9110 §7.6.1), pseudo-headers (RFC
+ * 9113 §8.3), `Expect` (Node answers `100-continue` itself; undici does not support it),
+ * `HTTP2-Settings`, and the client's `X-Forwarded-Proto`/`X-Forwarded-Host`. `TE` is sent as `te:
+ * trailers` when the client's listed `trailers`. Adds: `host` from `:authority` for HTTP/2;
+ * `x-forwarded-for` (the client's value with `, <clientIp>` appended), `x-forwarded-proto`,
+ * `x-forwarded-host` (original host), `via` (`1.1 gatehouse`, `2 gatehouse` for HTTP/2, appended to
+ * the client's), `x-request-id`. When `upgrade` is true, `connection: upgrade` and the client's
+ * `Upgrade` are kept (HTTP/1.1 Upgrade, RFC 9110 §7.8).
+ *
+ * Never throws; the input was validated by Node's parser, added values are built from it.
+ *
+ * @param rawHeaders `req.rawHeaders` (alternating names and values, as received).
+ * @param httpVersion `req.httpVersion` (`"1.1"`, `"1.0"`, `"2.0"`).
+ * @param client client IP, protocol and an optional request id.
+ * @param facts receives the host, request id, body framing and TE of the request.
+ * @param upgrade keep `Connection: upgrade` and `Upgrade` (default false).
+ * @returns the header list for undici's `headers` option or a raw HTTP/1.1 head.
+ */
+export function toUpstreamRequestHeaders(
+  rawHeaders: readonly string[],
+  httpVersion: string,
+  client: ForwardedFor,
+  facts: RequestHeadFacts,
+  upgrade = false,
+): string[] {
+  const out: string[] = [];
+  let authority = '';
+  let host = '';
+  let forwardedFor = '';
+  let via = '';
+  let clientRequestId = '';
+  let connectionTokens = '';
+  const n = rawHeaders.length;
+  for (let i = 0; i < n; i += 2) {
+    const name = rawHeaders[i]!;
+    const value = rawHeaders[i + 1]!;
+    const lower = name.toLowerCase();
+    switch (lower) {
+      case 'host':
+        if (host === '') host = value;
+        continue;
+      case 'connection':
+        connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
+        continue;
+      case 'te':
+        if (/(?:^|,)\s*trailers\s*(?:[;,]|$)/i.test(value)) facts.teTrailers = true;
+        continue;
+      case 'transfer-encoding':
+        facts.chunked = true;
+        continue;
+      case 'upgrade':
+        facts.upgrade = value.toLowerCase();
+        continue;
+      case 'keep-alive':
+      case 'proxy-connection':
+      case 'trailer':
+      case 'expect':
+      case 'http2-settings':
+      case 'x-forwarded-proto':
+      case 'x-forwarded-host':
+        continue;
+      case 'content-length':
+        facts.contentLength = Number(value);
+        break;
+      case 'x-forwarded-for':
+        forwardedFor = forwardedFor === '' ? value : `${forwardedFor}, ${value}`;
+        continue;
+      case 'via':
+        via = via === '' ? value : `${via}, ${value}`;
+        continue;
+      case 'x-request-id':
+        if (clientRequestId === '') clientRequestId = value;
+        continue;
+      default:
+        if (lower.charCodeAt(0) === 58 /* ':' */) {
+          if (lower === ':authority') authority = value;
+          continue;
+        }
+    }
+    out.push(name, value);
+  }
+
+  if (connectionTokens !== '') removeConnectionListed(out, connectionTokens);
+
+  const originalHost = authority !== '' ? authority : host;
+  facts.host = originalHost;
+  const requestId = client.requestId ?? (clientRequestId !== '' && SANE_REQUEST_ID.test(clientRequestId) ? clientRequestId : generateRequestId());
+  facts.requestId = requestId;
+
+  if (originalHost !== '') out.push('host', originalHost);
+  if (facts.teTrailers && !upgrade) out.push('te', 'trailers');
+  if (upgrade && facts.upgrade !== '') out.push('connection', 'upgrade', 'upgrade', facts.upgrade);
+  out.push(
+    'x-forwarded-for', forwardedFor === '' ? client.clientIp : `${forwardedFor}, ${client.clientIp}`,
+    'x-forwarded-proto', client.protocol,
+  );
+  if (originalHost !== '') out.push('x-forwarded-host', originalHost);
+  out.push(
+    'via', via === '' ? viaEntry(httpVersion) : `${via}, ${viaEntry(httpVersion)}`,
+    'x-request-id', requestId,
+  );
+  return out;
+}
+
+function viaEntry(httpVersion: string): string {
+  switch (httpVersion) {
+    case '1.1': return '1.1 gatehouse';
+    case '2.0': return '2 gatehouse';
+    case '1.0': return '1.0 gatehouse';
+    default: return `${httpVersion} gatehouse`;
+  }
+}
+
+/** Removes from a flat name/value list every field named in a `Connection` value (RFC 9110 §7.6.1). */
+function removeConnectionListed(list: string[], connectionTokens: string): void {
+  const listed = new Set<string>();
+  for (const token of connectionTokens.split(',')) {
+    const t = token.trim();
+    if (t !== '' && t !== 'close' && t !== 'keep-alive' && t !== 'upgrade') listed.add(t);
+  }
+  if (listed.size === 0) return;
+  let w = 0;
+  for (let r = 0; r < list.length; r += 2) {
+    if (listed.has(list[r]!.toLowerCase())) continue;
+    list[w++] = list[r]!;
+    list[w++] = list[r + 1]!;
+  }
+  list.length = w;
+}
+
+/** Response header fields for the client: a flat list (HTTP/1.x) or an object (HTTP/2). */
+export type ClientResponseHeaders = string[] | Record<string, string | string[]>;
+
+/**
+ * Translates the upstream's raw response header fields (undici's `Buffer[]`, alternating names and
+ * values) into what `res.writeHead` takes: a flat `[name, value, ...]` list for HTTP/1.x clients
+ * (order and case kept) or an object with lowercase names for HTTP/2 clients (repeated fields as
+ * arrays). Drops hop-by-hop fields and those named by `Connection` (RFC 9110 §7.6.1; for HTTP/2,
+ * RFC 9113 §8.2.2), names that are not tokens and values with forbidden characters (skipped, never
+ * thrown on), and the upstream's `x-request-id`; appends `via: 1.1 gatehouse` and sets
+ * `x-request-id` when `requestId` is not `''`. Values are decoded as latin1, so obs-text bytes pass
+ * through unchanged.
+ *
+ * @param raw undici's raw header list (`Buffer` or `string` items).
+ * @param http2 true for an HTTP/2 client.
+ * @param requestId the request id to return, or `''`.
+ */
+export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2: boolean, requestId: string): ClientResponseHeaders {
+  let connectionTokens = '';
+  let via = '';
+  const list: string[] = [];
+  const n = raw.length;
+  for (let i = 0; i < n; i += 2) {
+    const rawName = raw[i]!;
+    const rawValue = raw[i + 1]!;
+    const name = typeof rawName === 'string' ? rawName : rawName.toString('latin1');
+    const value = typeof rawValue === 'string' ? rawValue : rawValue.toString('latin1');
+    const lower = name.toLowerCase();
+    switch (lower) {
+      case 'connection':
+        connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
+        continue;
+      case 'keep-alive':
+      case 'proxy-connection':
+      case 'te':
+      case 'trailer':
+      case 'transfer-encoding':
+      case 'upgrade':
+      case 'x-request-id':
+        continue;
+      case 'via':
+        via = via === '' ? value : `${via}, ${value}`;
+        continue;
+    }
+    if (!TOKEN.test(name) || INVALID_VALUE_CHAR.test(value)) continue;
+    list.push(http2 ? lower : name, value);
+  }
+  if (connectionTokens !== '') removeConnectionListed(list, connectionTokens);
+  list.push('via', via === '' ? '1.1 gatehouse' : `${via}, 1.1 gatehouse`);
+  if (requestId !== '') list.push('x-request-id', requestId);
+  if (!http2) return list;
+  return toHeaderObject(list);
+}
+
+/**
+ * Translates raw trailer fields (undici's `Buffer[]`) into an object for `res.addTrailers`, dropping
+ * hop-by-hop, pseudo and invalid fields (RFC 9110 §6.5.1 — framing and routing fields are not
+ * allowed in trailers). Names are lowercased.
+ *
+ * @returns the trailers, or `undefined` when none are left.
+ */
+export function toClientTrailers(raw: readonly (Buffer | string)[] | null | undefined): Record<string, string | string[]> | undefined {
+  if (!raw || raw.length === 0) return undefined;
+  const list: string[] = [];
+  for (let i = 0; i < raw.length; i += 2) {
+    const rawName = raw[i]!;
+    const rawValue = raw[i + 1]!;
+    const name = (typeof rawName === 'string' ? rawName : rawName.toString('latin1')).toLowerCase();
+    const value = typeof rawValue === 'string' ? rawValue : rawValue.toString('latin1');
+    if (HOP_BY_HOP.has(name) || name === 'content-length' || name === 'host') continue;
+    if (!TOKEN.test(name) || INVALID_VALUE_CHAR.test(value)) continue;
+    list.push(name, value);
+  }
+  return list.length === 0 ? undefined : toHeaderObject(list);
+}
+
+/** Fields node:http2 allows once per message (it throws ERR_HTTP2_HEADER_SINGLE_VALUE on repeats). */
+const SINGLE_VALUE_HEADERS = new Set([
+  'access-control-allow-credentials', 'access-control-max-age', 'access-control-request-method', 'age',
+  'authorization', 'content-encoding', 'content-language', 'content-length', 'content-location',
+  'content-md5', 'content-range', 'content-type', 'date', 'dnt', 'etag', 'expires', 'from', 'host',
+  'if-match', 'if-modified-since', 'if-none-match', 'if-range', 'if-unmodified-since', 'last-modified',
+  'location', 'max-forwards', 'proxy-authorization', 'range', 'referer', 'retry-after', 'tk',
+  'upgrade-insecure-requests', 'user-agent', 'x-content-type-options',
+]);
+
+function toHeaderObject(list: readonly string[]): Record<string, string | string[]> {
+  const object: Record<string, string | string[]> = Object.create(null);
+  for (let i = 0; i < list.length; i += 2) {
+    const name = list[i]!.toLowerCase();
+    const value = list[i + 1]!;
+    const existing = object[name];
+    if (existing === undefined) object[name] = value;
+    else if (SINGLE_VALUE_HEADERS.has(name)) continue; // node:http2 throws on a repeated one; keep the first
+    else if (Array.isArray(existing)) existing.push(value);
+    else object[name] = [existing, value];
+  }
+  return object;
+}
