@@ -18,14 +18,12 @@
  * restart: issuing one takes about a millisecond.
  */
 import { X509Certificate, createHash, createPrivateKey, createPublicKey, generateKeyPair, randomBytes, sign, type KeyObject } from 'node:crypto';
-import { link, mkdir, open, rm } from 'node:fs/promises';
 import { isIP } from 'node:net';
-import { dirname } from 'node:path';
 import { promisify } from 'node:util';
 import forge from 'node-forge';
 import { LRUCache } from 'lru-cache';
 import type { Certificate, CertificateSource } from './source.js';
-import { FileStorage, type Storage } from './storage.js';
+import type { Storage } from './storage.js';
 import { canonicalIp, normalizeHostName } from './pem.js';
 
 const generateKeyPairAsync = promisify(generateKeyPair);
@@ -85,9 +83,8 @@ export class LocalCA implements CertificateSource {
 
   /**
    * Load the CA from storage, creating the root and the intermediate when absent.
-   * Two processes (or two calls) creating at once end with one CA: keys are created write-if-absent
-   * (a hard link that fails when the file exists, with {@link FileStorage}) and the loser loads the
-   * winner's key. A certificate written next to a key it does not match is replaced.
+   * Two processes (or two calls) creating at once end with one CA: keys and certificates are
+   * created write-if-absent ({@link Storage.storeExclusive}) and the loser loads the winner's. A certificate written next to a key it does not match is replaced.
    * @throws storage errors (EACCES, ENOSPC, ...) and errors parsing stored PEM that is corrupt.
    */
   static async load(storage: Storage, options: LocalCAOptions = {}): Promise<LocalCA> {
@@ -346,33 +343,15 @@ async function loadOrCreateCertificate(storage: Storage, storageKey: string, key
 }
 
 /**
- * Store a value only when the key is absent; true when this call wrote it. `mode` 0600 marks a secret. Atomic with
- * {@link FileStorage} (temp file + `link`, which fails on an existing target). Other backends fall
- * back to load-then-store, which is not atomic (see the report: `Storage.storeIfAbsent` would fix it).
+ * Store a value only when the key is absent; true when this call wrote it. `mode` 0600 marks a
+ * secret. Atomic across processes with {@link Storage.storeExclusive} (FileStorage has it); a
+ * backend without it gets load-then-store, which two processes can race.
  */
 async function storeIfAbsent(storage: Storage, storageKey: string, value: string, mode = 0o600): Promise<boolean> {
-  if (storage instanceof FileStorage) {
-    const file = storage.pathOf(storageKey);
-    await mkdir(dirname(file), { recursive: true, mode: 0o700 });
-    const temp = `${file}.tmp-${randomBytes(6).toString('hex')}`;
-    const handle = await open(temp, 'wx', mode);
-    try {
-      await handle.writeFile(value);
-      await handle.chmod(mode);
-      await handle.sync();
-      await handle.close();
-      await link(temp, file);
-      return true;
-    } catch (error) {
-      await handle.close().catch(() => {});
-      if ((error as NodeJS.ErrnoException).code === 'EEXIST') return false;
-      throw error;
-    } finally {
-      await rm(temp, { force: true });
-    }
-  }
+  const secret = mode === 0o600;
+  if (storage.storeExclusive) return storage.storeExclusive(storageKey, value, { secret });
   if ((await storage.load(storageKey)) !== undefined) return false;
-  await storage.store(storageKey, value, { secret: mode === 0o600 });
+  await storage.store(storageKey, value, { secret });
   return true;
 }
 

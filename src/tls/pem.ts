@@ -107,7 +107,7 @@ export function namesOf(certificate: X509Certificate): string[] {
       else if (part.startsWith('IP Address:')) names.push(canonicalIp(unquote(part.slice(11))));
     }
   } else {
-    const cn = /^CN=(.*)$/m.exec(certificate.subject)?.[1];
+    const cn = /^CN=(.*)$/m.exec(certificate.subject ?? '')?.[1];
     if (cn) names.push(normalizeHostName(cn));
   }
   return [...new Set(names)];
@@ -115,7 +115,8 @@ export function namesOf(certificate: X509Certificate): string[] {
 
 /** The issuer's common name, else its organisation, else the whole issuer text. */
 export function issuerNameOf(certificate: X509Certificate): string {
-  const issuer = certificate.issuer;
+  const issuer = certificate.issuer ?? ''; // undefined for an empty Name
+  if (issuer === '') return '(no issuer name)';
   return /^CN=(.*)$/m.exec(issuer)?.[1] ?? /^O=(.*)$/m.exec(issuer)?.[1] ?? issuer.replace(/\n/g, ', ');
 }
 

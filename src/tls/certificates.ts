@@ -1,0 +1,559 @@
+/**
+ * The certificate store and what happens at ClientHello (certmagic's cache.go + handshake.go):
+ * certificates indexed by the names they cover, SNI lookup (exact name, then a one-label wildcard),
+ * SecureContexts built lazily and kept in a bounded LRU, a policy deciding which
+ * {@link CertificateSource} may obtain a missing name, and the default certificate for handshakes
+ * without SNI or for names nothing covers.
+ *
+ * The HTTPS listener spreads {@link CertificateStore.serverOptions} into
+ * `http2.createSecureServer(...)` and calls {@link CertificateStore.attach} so the default
+ * certificate follows changes. OpenSSL applies the protocol versions and the cipher list of the
+ * listener's own context, not those of the context picked by SNI, so both carry
+ * {@link TLS_SERVER_OPTIONS}.
+ */
+import { readFile } from 'node:fs/promises';
+import { createSecureContext, type SecureContext, type SecureContextOptions, type Server as TlsServer } from 'node:tls';
+import { randomBytes } from 'node:crypto';
+import { LRUCache } from 'lru-cache';
+import type { Certificate, CertificateSource } from './source.js';
+import { CertificateError, certificateFromPem, normalizeHostName } from './pem.js';
+
+/**
+ * TLS settings of every context (Mozilla "intermediate" profile, 2024): TLS 1.2 minimum; for TLS 1.2
+ * only ECDHE key exchange with AEAD ciphers (AES-GCM, ChaCha20-Poly1305), so forward secrecy always
+ * and no CBC (Lucky13-style padding oracles); the server's order wins; X25519 first, then P-256/P-384.
+ */
+export const TLS_SERVER_OPTIONS = Object.freeze({
+  minVersion: 'TLSv1.2',
+  ciphers: [
+    'TLS_AES_128_GCM_SHA256', 'TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256',
+    'ECDHE-ECDSA-AES128-GCM-SHA256', 'ECDHE-RSA-AES128-GCM-SHA256',
+    'ECDHE-ECDSA-AES256-GCM-SHA384', 'ECDHE-RSA-AES256-GCM-SHA384',
+    'ECDHE-ECDSA-CHACHA20-POLY1305', 'ECDHE-RSA-CHACHA20-POLY1305',
+  ].join(':'),
+  honorCipherOrder: true,
+  ecdhCurve: 'X25519:P-256:P-384',
+} satisfies SecureContextOptions);
+
+/** What the policy answers for a name the store has no certificate for. */
+export interface ObtainDecision {
+  /** The source that may obtain a certificate for the name. */
+  readonly source: CertificateSource;
+  /** true: the handshake waits for `source.obtain` (on-demand ACME, local CA), up to `obtainTimeout`.
+   * false: the handshake is served at once (with `temporary`, else the default certificate) while
+   * `source` works in the background; its certificate serves the following handshakes. */
+  readonly waitInHandshake: boolean;
+  /** Serves the handshakes while `source` works in the background (e.g. the local CA while ACME runs). */
+  readonly temporary?: CertificateSource;
+}
+
+/** Decides which source, if any, may obtain a certificate for a name (normalised: lowercase, no trailing dot). */
+export type ObtainPolicy = (serverName: string) => ObtainDecision | undefined;
+
+/** Where the default certificate comes from: a certificate, or a function producing one (called again near its expiry). */
+export type DefaultCertificate = Certificate | (() => Promise<Certificate | undefined>);
+
+/** The part of a pino logger the store uses; a pino child logger (`tls.handshake`) fits. */
+export interface TlsLogger {
+  warn(fields: object, message: string): void;
+  error(fields: object, message: string): void;
+}
+
+/** A certificate as `list()` shows it (for /status). */
+export interface CertificateInfo {
+  readonly names: readonly string[];
+  readonly source: string;
+  readonly issuer: string;
+  readonly notBefore: Date;
+  readonly notAfter: Date;
+  /** Served only until the real certificate arrives. */
+  readonly temporary: boolean;
+}
+
+/** Options of {@link CertificateStore}. */
+export interface CertificateStoreOptions {
+  /** Longest a handshake waits for `obtain` (ms); then the handshake fails cleanly and the obtain
+   * goes on in the background. Default 10 000 (certmagic waits up to 90 s for on-demand issuance;
+   * clients give up far sooner). */
+  readonly obtainTimeout?: number;
+  /** SecureContexts kept (LRU, by certificate). Default 1000; a context holds about 10 KiB of
+   * parsed keys. Evicted contexts are built again on their next handshake (~0.1 ms). */
+  readonly contextCacheSize?: number;
+  /** A certificate is replaced in the background (when the policy names a source) once this
+   * fraction of its lifetime is left. Default 1/3 (Let's Encrypt's advice). */
+  readonly renewWindow?: number;
+  /** Wait after a failed background obtain before the next attempt for that name (ms). Default 60 000. */
+  readonly retryAfter?: number;
+  /** Session ticket keys (48 bytes, RFC 5077 / RFC 8446 §4.6.1) given to every listener built from
+   * {@link CertificateStore.serverOptions} and to every context, so a ticket resumes whichever
+   * context served the name and whichever listener took the connection (OpenSSL decrypts tickets
+   * with the listener's keys). Default: 48 random bytes per store. Give the same keys to every
+   * process behind one address to resume across them; rotate them by building a new store. */
+  readonly ticketKeys?: Buffer;
+  /** Where failed lookups and obtains are reported. Default: nothing. */
+  readonly logger?: TlsLogger;
+}
+
+/** `SNICallback`'s callback. */
+export type SniDone = (error: Error | null, context?: SecureContext) => void;
+
+interface Entry {
+  readonly certificate: Certificate;
+  readonly temporary: boolean;
+  /** Names of the index that point at this entry. */
+  references: number;
+  readonly expiresAt: number;
+  readonly renewAt: number;
+  /** No background renewal is attempted before this time (ms since epoch). */
+  nextRenewal: number;
+}
+
+const SESSION_ID_CONTEXT = 'gatehouse';
+
+/**
+ * Certificates by name and the SNI callback that serves them.
+ * Lookups are two Map reads (exact, then wildcard), whatever the number of certificates.
+ */
+export class CertificateStore {
+  readonly #index = new Map<string, Entry>();
+  readonly #entries = new Set<Entry>();
+  readonly #contexts: LRUCache<Entry, SecureContext>;
+  readonly #inflight = new Map<string, Promise<Certificate | undefined>>();
+  readonly #failedAt = new Map<string, number>();
+  readonly #servers = new Set<TlsServer>();
+  readonly #obtainTimeout: number;
+  readonly #renewWindow: number;
+  readonly #retryAfter: number;
+  readonly #ticketKeys: Buffer;
+  readonly #logger: TlsLogger | undefined;
+  #policy: ObtainPolicy | undefined;
+  #firstStatic: Entry | undefined;
+  #explicitDefault: Entry | undefined;
+  #defaultProvider: (() => Promise<Certificate | undefined>) | undefined;
+  #providedDefault: Entry | undefined;
+  #defaultRefresh: Promise<Certificate | undefined> | undefined;
+  #appliedDefault: Entry | undefined;
+
+  constructor(options: CertificateStoreOptions = {}) {
+    this.#obtainTimeout = options.obtainTimeout ?? 10_000;
+    this.#renewWindow = options.renewWindow ?? 1 / 3;
+    this.#retryAfter = options.retryAfter ?? 60_000;
+    this.#ticketKeys = options.ticketKeys ?? randomBytes(48);
+    if (this.#ticketKeys.length !== 48) throw new RangeError('ticketKeys must be 48 bytes');
+    this.#logger = options.logger;
+    this.#contexts = new LRUCache({ max: options.contextCacheSize ?? 1000 });
+  }
+
+  /**
+   * A store holding the static certificates of `tls.certificates` (see {@link loadStaticCertificates}).
+   * @throws {CertificateError} naming the file at fault.
+   */
+  static async fromFiles(entries: readonly { readonly cert: string; readonly key: string }[], options?: CertificateStoreOptions): Promise<CertificateStore> {
+    const store = new CertificateStore(options);
+    for (const certificate of await loadStaticCertificates(entries)) store.put(certificate);
+    return store;
+  }
+
+  /** Whether `certificate` covers `host` (exact or one-label wildcard); see {@link covers}. */
+  static covers(certificate: Certificate, host: string): boolean {
+    return covers(certificate, host);
+  }
+
+  /**
+   * Index a certificate under each of its names. For a name already served, the certificate put
+   * last wins at once (renewals, run-time swaps); a certificate no name points at any more is
+   * dropped with its SecureContext. The first `static` certificate becomes the default unless
+   * {@link setDefault} chose one.
+   */
+  put(certificate: Certificate): void {
+    this.#put(certificate, false);
+  }
+
+  /** Remove a certificate from every name it serves (no-op when absent). */
+  remove(certificate: Certificate): void {
+    for (const name of certificate.names) {
+      const entry = this.#index.get(name);
+      if (entry?.certificate === certificate) {
+        this.#index.delete(name);
+        this.#release(entry);
+      }
+    }
+  }
+
+  /**
+   * The certificate serving `serverName`: exact name first, then the wildcard one label up
+   * (`a.b.example.com` → `*.b.example.com`, never `*.example.com`, RFC 6125 §6.4.3).
+   * Case-insensitive; a trailing dot is ignored. Undefined when nothing covers it (the default
+   * certificate is not returned here).
+   */
+  forServerName(serverName: string): Certificate | undefined {
+    return this.#lookup(normalizeHostName(serverName))?.certificate;
+  }
+
+  /** Set (or clear with undefined) the policy consulted for names without a usable certificate. */
+  setPolicy(policy: ObtainPolicy | undefined): void {
+    this.#policy = policy;
+  }
+
+  /**
+   * Choose the certificate for handshakes without SNI and for names nothing covers. Default: the
+   * first static certificate put. A function (e.g. `() => localCA.issue(['localhost', '127.0.0.1', '::1'])`)
+   * is called by {@link refreshDefault} and again when a third of its certificate's life is left.
+   * `undefined` returns to the default.
+   */
+  setDefault(value: DefaultCertificate | undefined): void {
+    this.#explicitDefault = undefined;
+    this.#defaultProvider = undefined;
+    this.#providedDefault = undefined;
+    if (typeof value === 'function') this.#defaultProvider = value;
+    else if (value !== undefined) this.#explicitDefault = newEntry(value, false, this.#renewWindow);
+    this.#applyDefault();
+  }
+
+  /**
+   * Produce the default certificate now when it comes from a function (call before listening).
+   * @returns the default certificate, if any.
+   * @throws what the function throws.
+   */
+  async refreshDefault(): Promise<Certificate | undefined> {
+    if (this.#defaultProvider === undefined) return this.#defaultEntry()?.certificate;
+    const provider = this.#defaultProvider;
+    this.#defaultRefresh ??= (async () => {
+      const certificate = await provider();
+      if (this.#defaultProvider === provider && certificate !== undefined) {
+        this.#providedDefault = newEntry(certificate, false, this.#renewWindow);
+        this.#applyDefault();
+      }
+      return certificate;
+    })().finally(() => {
+      this.#defaultRefresh = undefined;
+    });
+    return this.#defaultRefresh;
+  }
+
+  /** The certificate served without SNI or for uncovered names, if any. */
+  get defaultCertificate(): Certificate | undefined {
+    return this.#defaultEntry()?.certificate;
+  }
+
+  /**
+   * Options to spread into `tls.createServer` / `https.createServer` / `http2.createSecureServer`:
+   * {@link TLS_SERVER_OPTIONS}, the shared session ticket keys, the SNI callback, and the default
+   * certificate when one is known.
+   */
+  serverOptions(): SecureContextOptions & { SNICallback: (serverName: string, done: SniDone) => void; ticketKeys: Buffer } {
+    const fallback = this.#defaultEntry()?.certificate;
+    return {
+      ...this.#contextOptions(fallback),
+      SNICallback: this.sniCallback,
+    } as SecureContextOptions & { SNICallback: (serverName: string, done: SniDone) => void; ticketKeys: Buffer };
+  }
+
+  /**
+   * Keep `server`'s own context (used without SNI) on the current default certificate, now and
+   * whenever it changes. @returns a function that stops it.
+   */
+  attach(server: TlsServer): () => void {
+    this.#servers.add(server);
+    const entry = this.#defaultEntry();
+    if (entry !== undefined) server.setSecureContext(this.#contextOptions(entry.certificate));
+    return () => this.#servers.delete(server);
+  }
+
+  /** Every certificate currently indexed (for /status). */
+  list(): CertificateInfo[] {
+    return [...this.#entries].map(({ certificate, temporary }) => ({
+      names: certificate.names,
+      source: certificate.source,
+      issuer: certificate.issuer,
+      notBefore: certificate.notBefore,
+      notAfter: certificate.notAfter,
+      temporary,
+    }));
+  }
+
+  /**
+   * `SNICallback` for `tls.createServer` and `http2.createSecureServer`. Never throws: a failing
+   * lookup, policy or source ends that handshake only (error to `done`, and to the logger). A
+   * handshake waiting for `obtain` gives up after `obtainTimeout`; other names are never held up.
+   */
+  readonly sniCallback = (serverName: string, done: SniDone): void => {
+    let name = '';
+    try {
+      name = normalizeHostName(serverName);
+      const entry = this.#lookup(name);
+      if (entry !== undefined) {
+        const now = Date.now();
+        if (now < entry.renewAt && !entry.temporary) {
+          done(null, this.#contextOf(entry));
+          return;
+        }
+        if (now < entry.expiresAt) {
+          if (now >= entry.nextRenewal) this.#renewInBackground(name, entry, now);
+          done(null, this.#contextOf(entry));
+          return;
+        }
+      }
+      this.#handleMissing(name, entry, done);
+    } catch (error) {
+      this.#fail(name || String(serverName), error, done);
+    }
+  };
+
+  // --- internals ---
+
+  #put(certificate: Certificate, temporary: boolean): Entry {
+    const entry = newEntry(certificate, temporary, this.#renewWindow);
+    for (const raw of certificate.names) {
+      const name = normalizeHostName(raw);
+      const previous = this.#index.get(name);
+      if (previous === entry) continue;
+      this.#index.set(name, entry);
+      entry.references++;
+      if (previous !== undefined) this.#release(previous);
+    }
+    if (entry.references > 0) this.#entries.add(entry);
+    if (!temporary) for (const name of certificate.names) this.#failedAt.delete(name);
+    if (certificate.source === 'static' && this.#firstStatic === undefined) {
+      this.#firstStatic = entry;
+      this.#applyDefault();
+    } else if (this.#firstStatic !== undefined && this.#firstStatic.references === 0 && certificate.source === 'static') {
+      this.#firstStatic = entry; // the first static certificate was replaced: its successor is the default
+      this.#applyDefault();
+    }
+    return entry;
+  }
+
+  #release(entry: Entry): void {
+    entry.references--;
+    if (entry.references > 0) return;
+    this.#entries.delete(entry);
+    this.#contexts.delete(entry);
+  }
+
+  #lookup(name: string): Entry | undefined {
+    const exact = this.#index.get(name);
+    if (exact !== undefined) return exact;
+    const dot = name.indexOf('.');
+    if (dot <= 0) return undefined;
+    return this.#index.get('*' + name.slice(dot));
+  }
+
+  #contextOf(entry: Entry): SecureContext {
+    let context = this.#contexts.get(entry);
+    if (context === undefined) {
+      context = createSecureContext(this.#contextOptions(entry.certificate));
+      this.#contexts.set(entry, context);
+    }
+    return context;
+  }
+
+  #contextOptions(certificate: Certificate | undefined): SecureContextOptions {
+    return {
+      ...TLS_SERVER_OPTIONS,
+      ticketKeys: this.#ticketKeys,
+      sessionIdContext: SESSION_ID_CONTEXT,
+      ...(certificate === undefined ? {} : { cert: certificate.cert, key: certificate.key }),
+    } as SecureContextOptions;
+  }
+
+  /** No usable certificate (absent, expired or temporary past its life): ask the policy. */
+  #handleMissing(name: string, stale: Entry | undefined, done: SniDone): void {
+    const decision = this.#policy?.(name);
+    if (decision === undefined) {
+      // Nobody may obtain one: an expired certificate still beats a wrong-name one.
+      if (stale !== undefined) done(null, this.#contextOf(stale));
+      else this.#serveDefault(done);
+      return;
+    }
+    if (decision.waitInHandshake) {
+      this.#obtainInHandshake(name, decision.source, false, done);
+      return;
+    }
+    this.#startBackground(name, decision.source);
+    if (decision.temporary !== undefined) this.#obtainInHandshake(name, decision.temporary, true, done);
+    else if (stale !== undefined) done(null, this.#contextOf(stale));
+    else this.#serveDefault(done);
+  }
+
+  #serveDefault(done: SniDone): void {
+    const entry = this.#defaultEntry();
+    if (entry !== undefined && this.#defaultProvider !== undefined && Date.now() >= entry.renewAt) {
+      this.refreshDefault().catch((error: unknown) => this.#logger?.error({ error }, 'default certificate: refresh failed'));
+    }
+    if (entry === undefined && this.#defaultProvider !== undefined) {
+      // Not produced yet: wait for it like for any obtain.
+      const pending = this.refreshDefault();
+      this.#wait(pending, 'default', (certificate) => {
+        const now = this.#defaultEntry();
+        done(null, certificate !== undefined && now !== undefined ? this.#contextOf(now) : undefined);
+      }, done);
+      return;
+    }
+    // undefined keeps the listener's own context, which attach() keeps on the default.
+    done(null, entry === undefined ? undefined : this.#contextOf(entry));
+  }
+
+  #obtainInHandshake(name: string, source: CertificateSource, temporary: boolean, done: SniDone): void {
+    const pending = this.#obtain(name, source, temporary);
+    this.#wait(pending, name, (certificate) => {
+      if (certificate === undefined) {
+        this.#serveDefault(done);
+        return;
+      }
+      const entry = this.#lookup(name);
+      // The shared obtain put it; serve what the index now holds for the name (the real one may
+      // already have replaced a temporary one), else the certificate itself.
+      done(null, this.#contextOf(entry ?? newEntry(certificate, temporary, this.#renewWindow)));
+    }, done);
+  }
+
+  /** Call `then` with the result, or fail the handshake on rejection or after `obtainTimeout`. */
+  #wait(pending: Promise<Certificate | undefined>, name: string, then: (certificate: Certificate | undefined) => void, done: SniDone): void {
+    let settled = false;
+    const timer = setTimeout(() => {
+      if (settled) return;
+      settled = true;
+      this.#fail(name, new ObtainTimeoutError(name, this.#obtainTimeout), done);
+    }, this.#obtainTimeout);
+    timer.unref();
+    pending.then((certificate) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      try {
+        then(certificate);
+      } catch (error) {
+        this.#fail(name, error, done);
+      }
+    }, (error: unknown) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      this.#fail(name, error, done);
+    });
+  }
+
+  /** One obtain per (source, name) at a time; its certificate is put into the index once. */
+  #obtain(name: string, source: CertificateSource, temporary: boolean): Promise<Certificate | undefined> {
+    const key = `${source.name}\u0000${temporary ? 't' : ''}\u0000${name}`;
+    let pending = this.#inflight.get(key);
+    if (pending === undefined) {
+      pending = (async () => {
+        const certificate = await source.obtain(name);
+        if (certificate !== undefined) {
+          // A temporary certificate never replaces a real one that arrived meanwhile.
+          const current = this.#lookup(name);
+          if (!temporary || current === undefined || current.temporary) this.#put(certificate, temporary);
+        }
+        return certificate;
+      })().finally(() => this.#inflight.delete(key));
+      this.#inflight.set(key, pending);
+    }
+    return pending;
+  }
+
+  #renewInBackground(name: string, entry: Entry, now: number): void {
+    entry.nextRenewal = now + this.#retryAfter;
+    let decision: ObtainDecision | undefined;
+    try {
+      decision = this.#policy?.(name);
+    } catch (error) {
+      this.#logger?.error({ serverName: name, error }, 'certificate policy failed');
+      return;
+    }
+    if (decision !== undefined) this.#startBackground(name, decision.source);
+  }
+
+  #startBackground(name: string, source: CertificateSource): void {
+    const failedAt = this.#failedAt.get(name);
+    if (failedAt !== undefined && Date.now() - failedAt < this.#retryAfter) return;
+    this.#obtain(name, source, false).then((certificate) => {
+      if (certificate === undefined) this.#failedAt.set(name, Date.now());
+    }, (error: unknown) => {
+      this.#failedAt.set(name, Date.now());
+      this.#logger?.warn({ serverName: name, source: source.name, error }, 'background certificate obtain failed');
+    });
+  }
+
+  #fail(name: string, error: unknown, done: SniDone): void {
+    const failure = error instanceof Error ? error : new Error(String(error));
+    this.#logger?.warn({ serverName: name, error: failure }, 'TLS handshake failed: no certificate');
+    try {
+      done(failure);
+    } catch {
+      // done() only destroys the socket; nothing useful to do if that throws
+    }
+  }
+
+  #defaultEntry(): Entry | undefined {
+    return this.#explicitDefault ?? this.#providedDefault ?? (this.#firstStatic?.references ? this.#firstStatic : undefined);
+  }
+
+  #applyDefault(): void {
+    const entry = this.#defaultEntry();
+    if (entry === undefined || entry === this.#appliedDefault) return;
+    this.#appliedDefault = entry;
+    for (const server of this.#servers) server.setSecureContext(this.#contextOptions(entry.certificate));
+  }
+}
+
+/** A handshake waited longer than `obtainTimeout` for a certificate. */
+export class ObtainTimeoutError extends Error {
+  readonly code = 'GH_TLS_OBTAIN_TIMEOUT';
+
+  constructor(serverName: string, timeout: number) {
+    super(`GH_TLS_OBTAIN_TIMEOUT: no certificate for ${serverName} within ${timeout} ms; it is still being obtained, retry shortly`);
+    this.name = 'ObtainTimeoutError';
+  }
+}
+
+/**
+ * Whether `certificate` covers `host`: one of its names equals the host, or is the wildcard one
+ * label up (`*.example.com` covers `a.example.com`, not `example.com` nor `a.b.example.com`).
+ * Case-insensitive; a trailing dot and IPv6 brackets are ignored. The HTTPS listener answers 421
+ * Misdirected Request (RFC 9110 §15.5.20) when an HTTP/2 connection's certificate does not cover
+ * a request's host (connection coalescing, RFC 9113 §9.1.1).
+ */
+export function covers(certificate: Certificate, host: string): boolean {
+  const name = normalizeHostName(host);
+  const names = certificate.names;
+  if (names.includes(name)) return true;
+  const dot = name.indexOf('.');
+  return dot > 0 && names.includes('*' + name.slice(dot));
+}
+
+/**
+ * Read the `tls.certificates` files: each `cert` a PEM chain (leaf first), each `key` the leaf's
+ * unencrypted PEM key. Names come from the leaf's SANs (DNS and IP).
+ * @returns certificates with source `static`, in the order given.
+ * @throws {CertificateError} `GH_TLS_FILE_UNREADABLE` (missing file, permissions) or any code of
+ *   {@link certificateFromPem}; the message names the file.
+ */
+export async function loadStaticCertificates(entries: readonly { readonly cert: string; readonly key: string }[]): Promise<Certificate[]> {
+  return Promise.all(entries.map(async ({ cert, key }) => {
+    const [certPem, keyPem] = await Promise.all([readText(cert), readText(key)]);
+    return certificateFromPem(certPem, keyPem, 'static', { certFile: cert, keyFile: key });
+  }));
+}
+
+async function readText(file: string): Promise<string> {
+  try {
+    return await readFile(file, 'utf8');
+  } catch (error) {
+    throw new CertificateError('GH_TLS_FILE_UNREADABLE', `cannot read ${file}: ${(error as Error).message}`, { file, cause: error });
+  }
+}
+
+function newEntry(certificate: Certificate, temporary: boolean, renewWindow: number): Entry {
+  const notBefore = certificate.notBefore.getTime();
+  const expiresAt = certificate.notAfter.getTime();
+  return {
+    certificate,
+    temporary,
+    references: 0,
+    expiresAt,
+    renewAt: expiresAt - (expiresAt - notBefore) * renewWindow,
+    nextRenewal: 0,
+  };
+}
