@@ -487,7 +487,8 @@ export class CertificateStore {
   }
 
   #defaultEntry(): Entry | undefined {
-    return this.#explicitDefault ?? this.#providedDefault ?? (this.#firstStatic?.references ? this.#firstStatic : undefined);
+    // The first static certificate stays the default even when another source took over its names.
+    return this.#explicitDefault ?? this.#providedDefault ?? this.#firstStatic;
   }
 
   #applyDefault(): void {
