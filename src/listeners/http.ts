@@ -1,0 +1,90 @@
+/**
+ * The plain HTTP listener (`listen.http`): answers ACME HTTP-01 challenges, redirects sites that
+ * have TLS to HTTPS with 308 (RFC 9110 §15.4.9: method and body kept), and serves the sites that
+ * have `tls: off` or `redirect: false` in plain HTTP.
+ */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import type { ListenAddress } from '../config/schema.js';
+import { ConnectionTracker, requestEnded, requestStarted } from './connections.js';
+import { listenOn } from './https.js';
+
+/** The path prefix of ACME HTTP-01 challenges (RFC 8555 §8.3). */
+export const ACME_CHALLENGE_PREFIX = '/.well-known/acme-challenge/';
+
+/** Options of {@link HttpListener}. */
+export interface HttpListenerOptions {
+  readonly address: ListenAddress;
+  /** Handles every request (challenge, redirect or proxy). */
+  readonly onRequest: (req: IncomingMessage, res: ServerResponse) => void;
+  /** Handles HTTP/1.1 Upgrade requests. */
+  readonly onUpgrade: (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
+  /** Reports errors of single connections (never fatal). */
+  readonly onClientError?: (error: Error) => void;
+}
+
+/** The plain HTTP listener. */
+export class HttpListener {
+  readonly server: Server;
+  readonly #tracker: ConnectionTracker;
+  readonly #address: ListenAddress;
+
+  constructor(options: HttpListenerOptions) {
+    this.#address = options.address;
+    const server = createServer({ keepAliveTimeout: 5_000 });
+    this.server = server;
+    this.#tracker = new ConnectionTracker(server);
+    server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+      const socket = req.socket;
+      requestStarted(socket);
+      res.once('close', () => requestEnded(socket));
+      options.onRequest(req, res);
+    });
+    server.on('upgrade', options.onUpgrade);
+    server.on('clientError', (error: Error, socket: Duplex) => {
+      options.onClientError?.(error);
+      if ((socket as Socket).writable && !(error as { code?: string }).code?.startsWith('ECONN')) {
+        socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+      } else {
+        socket.destroy();
+      }
+    });
+  }
+
+  get draining(): boolean {
+    return this.#tracker.draining;
+  }
+
+  /** @returns the bound address. @throws the listen error (EADDRINUSE, EACCES). */
+  async listen(): Promise<AddressInfo> {
+    await listenOn(this.server, this.#address);
+    return this.server.address() as AddressInfo;
+  }
+
+  /** Stop accepting, let in-flight requests finish for up to `graceMs`, then close everything. */
+  async close(graceMs: number): Promise<void> {
+    await this.#tracker.drain(this.server, graceMs);
+  }
+}
+
+/**
+ * The 308 redirect to HTTPS: same host (without the plain port), path and query; the HTTPS port
+ * only when it is not 443.
+ * @param host normalised host (IPv6 without brackets).
+ */
+export function redirectToHttps(req: IncomingMessage, res: ServerResponse, host: string, httpsPort: number): void {
+  const authority = host.includes(':') ? `[${host}]` : host;
+  const location = `https://${authority}${httpsPort === 443 ? '' : `:${httpsPort}`}${req.url ?? '/'}`;
+  const body = 'Redirecting to HTTPS\n';
+  const length = req.headers['content-length'];
+  const hasBody = (length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined;
+  res.writeHead(308, {
+    Location: location,
+    'Content-Type': 'text/plain; charset=utf-8',
+    'Content-Length': Buffer.byteLength(body),
+    // An unread request body must not be taken for the next request (RFC 9112 §9.3).
+    ...(hasBody ? { Connection: 'close' } : {}),
+  });
+  res.end(req.method === 'HEAD' ? undefined : body);
+}

@@ -1,0 +1,201 @@
+/**
+ * From a request to its route: host → site → route → proxy. Both listeners call
+ * {@link dispatchRequest} and {@link dispatchUpgrade}; the HTTP listener answers ACME challenges
+ * and redirects before it gets here.
+ *
+ * Answers that never reach an upstream: 400 (no or malformed Host/`:authority`), 404 (no site or
+ * route for the host and path), 421 (HTTPS: the connection's certificate does not cover the host,
+ * RFC 9110 §15.5.20), 503 (no available upstream).
+ */
+import type { IncomingMessage } from 'node:http';
+import type { Http2ServerRequest } from 'node:http2';
+import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import type { TLSSocket } from 'node:tls';
+import { forward, sendProxyError, type ClientRequest, type ClientResponse, type ForwardOutcome } from '../proxy/forward.js';
+import { FAILURES, type ProxyFailure } from '../proxy/errors.js';
+import { proxyUpgrade, type UpgradeOutcome } from '../proxy/upgrade.js';
+import type { SelectionContext } from '../upstream/balancer.js';
+import type { Upstream } from '../upstream/pool.js';
+import { normalizeHost, type RoutedSite } from './router.js';
+import type { RouteRuntime, Runtime, SiteRuntime } from './runtime.js';
+
+/** Answers of the router itself (not of an upstream). */
+export const ROUTING_FAILURES = Object.freeze({
+  badHost: Object.freeze({ status: 400, code: 'GH_BAD_HOST', message: 'the request has no valid Host' }) as ProxyFailure,
+  noSite: Object.freeze({ status: 404, code: 'GH_NO_SITE', message: 'no site is configured for this host' }) as ProxyFailure,
+  noRoute: Object.freeze({ status: 404, code: 'GH_NO_ROUTE', message: 'no route matches this path' }) as ProxyFailure,
+  misdirected: Object.freeze({ status: 421, code: 'GH_MISDIRECTED', message: 'this connection cannot serve this host' }) as ProxyFailure,
+});
+
+/** What the listener knows of the connection and the rest of the server. */
+export interface DispatchContext {
+  /** The current runtime (swapped on reload). */
+  readonly runtime: Runtime;
+  /** `https` on the TLS listener. */
+  readonly protocol: 'http' | 'https';
+  /**
+   * HTTPS only: does the certificate served for `serverName` cover `host`? Used for 421 on
+   * connections whose SNI differs from the request's host (HTTP/2 connection reuse, RFC 9113 §9.1.1).
+   */
+  readonly certificateCovers?: (serverName: string, host: string) => boolean;
+  /** Called once per finished exchange (access log, metrics). */
+  readonly onComplete: (record: AccessRecord) => void;
+  /** Whether HTTP/1.1 answers should close their connection (draining). */
+  readonly draining: () => boolean;
+}
+
+/** One finished exchange, for the access log. */
+export interface AccessRecord {
+  readonly req: ClientRequest;
+  readonly startedAt: number;
+  readonly protocol: 'http' | 'https';
+  readonly host: string;
+  readonly site: SiteRuntime | undefined;
+  readonly route: RouteRuntime | undefined;
+  readonly status: number;
+  readonly bytesIn: number;
+  readonly bytesOut: number;
+  readonly upstream: string | undefined;
+  readonly error: string | undefined;
+  readonly requestId: string | undefined;
+}
+
+/** The host a request is for: `:authority` (HTTP/2, wins over `host`), else `Host` (RFC 9113 §8.3.1). */
+export function requestHost(req: IncomingMessage | Http2ServerRequest): string | undefined {
+  const headers = req.headers;
+  const authority = headers[':authority'];
+  return normalizeHost(typeof authority === 'string' ? authority : headers.host);
+}
+
+/**
+ * Route one request and forward it. Never throws.
+ * @param site the site, when the caller already looked it up (the HTTP listener does).
+ */
+export function dispatchRequest(
+  req: ClientRequest, res: ClientResponse, ctx: DispatchContext,
+  hostArg?: string, routedArg?: RoutedSite<SiteRuntime, RouteRuntime>,
+): void {
+  const startedAt = performance.now();
+  const host = hostArg ?? requestHost(req);
+  if (host === undefined) return reject(req, res, ctx, startedAt, '', undefined, ROUTING_FAILURES.badHost);
+  const router = ctx.runtime.router;
+  let routed = routedArg;
+  if (routed === undefined) {
+    if (ctx.certificateCovers !== undefined) {
+      const serverName = (req.socket as TLSSocket).servername;
+      if (typeof serverName === 'string' && serverName !== host && !ctx.certificateCovers(serverName, host)) {
+        return reject(req, res, ctx, startedAt, host, undefined, ROUTING_FAILURES.misdirected);
+      }
+    }
+    routed = router.siteFor(host);
+    if (routed === undefined || (ctx.protocol === 'https' && routed.site.config.tls === 'off')) {
+      return reject(req, res, ctx, startedAt, host, undefined, ROUTING_FAILURES.noSite);
+    }
+  }
+  const site = routed.site;
+  const url = req.url ?? '/';
+  const matched = router.routeFor(routed, url);
+  if (matched === undefined) return reject(req, res, ctx, startedAt, host, site, ROUTING_FAILURES.noRoute);
+  const route = matched.route;
+  const upstream = selectUpstream(route, req, res);
+  if (upstream === undefined) return reject(req, res, ctx, startedAt, host, site, FAILURES.noUpstream);
+  if (ctx.protocol === 'https' && site.hsts !== undefined) res.setHeader('strict-transport-security', site.hsts);
+  if (ctx.draining() && req.httpVersionMajor === 1) (res as { shouldKeepAlive?: boolean }).shouldKeepAlive = false;
+
+  forward(req, res, {
+    upstream,
+    path: route.strip === '' ? url : stripPrefix(url, route.strip),
+    maxBody: route.config.max_body,
+    clientIp: req.socket.remoteAddress ?? '',
+    protocol: ctx.protocol,
+    onDone: (outcome: ForwardOutcome) => ctx.onComplete({
+      req, startedAt, protocol: ctx.protocol, host, site, route,
+      status: outcome.status, bytesIn: outcome.bytesIn, bytesOut: outcome.bytesOut,
+      upstream: outcome.upstream, error: outcome.error, requestId: outcome.requestId,
+    }),
+  });
+}
+
+/**
+ * Route an HTTP/1.1 Upgrade request (WebSocket) and open the tunnel. Never throws.
+ */
+export function dispatchUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer, ctx: DispatchContext): void {
+  const startedAt = performance.now();
+  const host = requestHost(req);
+  const runtime = ctx.runtime;
+  const routed = host === undefined ? undefined : runtime.router.siteFor(host);
+  let failure: ProxyFailure | undefined;
+  let route: RouteRuntime | undefined;
+  let upstream: Upstream | undefined;
+  if (host === undefined) failure = ROUTING_FAILURES.badHost;
+  else if (routed === undefined || (ctx.protocol === 'https' && routed.site.config.tls === 'off')) failure = ROUTING_FAILURES.noSite;
+  else {
+    route = runtime.router.routeFor(routed, req.url ?? '/')?.route;
+    if (route === undefined) failure = ROUTING_FAILURES.noRoute;
+    else {
+      upstream = selectUpstream(route, req, undefined);
+      if (upstream === undefined) failure = FAILURES.noUpstream;
+    }
+  }
+  if (failure !== undefined || route === undefined || upstream === undefined) {
+    const f = failure ?? FAILURES.noUpstream;
+    writeRawResponse(socket, f);
+    ctx.onComplete({
+      req, startedAt, protocol: ctx.protocol, host: host ?? '', site: routed?.site, route,
+      status: f.status, bytesIn: 0, bytesOut: 0, upstream: undefined, error: f.code, requestId: undefined,
+    });
+    return;
+  }
+  const url = req.url ?? '/';
+  proxyUpgrade(req, socket, head, {
+    upstream,
+    path: route.strip === '' ? url : stripPrefix(url, route.strip),
+    clientIp: (socket as Socket).remoteAddress ?? '',
+    protocol: ctx.protocol,
+    onDone: (outcome: UpgradeOutcome) => ctx.onComplete({
+      req, startedAt, protocol: ctx.protocol, host: host!, site: routed!.site, route,
+      status: outcome.status, bytesIn: outcome.bytesIn, bytesOut: outcome.bytesOut,
+      upstream: outcome.upstream, error: outcome.error, requestId: outcome.requestId,
+    }),
+  });
+}
+
+const selection: SelectionContext = { clientIp: '', cookieHeader: undefined, exclude: undefined, setCookie: undefined };
+
+/** Ask the route's balancer; adds the sticky cookie to the response when the policy sets one. */
+function selectUpstream(route: RouteRuntime, req: ClientRequest, res: ClientResponse | undefined): Upstream | undefined {
+  // One reused context: select() is synchronous and keeps no reference to it.
+  selection.clientIp = req.socket?.remoteAddress ?? '';
+  const cookie = req.headers.cookie;
+  selection.cookieHeader = typeof cookie === 'string' ? cookie : undefined;
+  selection.exclude = undefined;
+  selection.setCookie = undefined;
+  const upstream = route.selector.select(route.upstreams, selection) as Upstream | undefined;
+  if (selection.setCookie !== undefined && res !== undefined) res.setHeader('set-cookie', selection.setCookie);
+  return upstream;
+}
+
+/** `/api/users?x` with prefix `/api` → `/users?x`; `/api` → `/`. */
+export function stripPrefix(url: string, prefix: string): string {
+  const rest = url.slice(prefix.length);
+  return rest.length === 0 || rest.charCodeAt(0) === 63 /* ? */ ? `/${rest}` : rest;
+}
+
+function reject(req: ClientRequest, res: ClientResponse, ctx: DispatchContext, startedAt: number, host: string, site: SiteRuntime | undefined, failure: ProxyFailure): void {
+  // The body was not read: HTTP/1.1 must not reuse a connection with an unread body (RFC 9112 §9.3).
+  const length = req.headers['content-length'];
+  const close = req.httpVersionMajor === 1 && ((length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined);
+  sendProxyError(res, failure, '', close);
+  ctx.onComplete({
+    req, startedAt, protocol: ctx.protocol, host, site, route: undefined,
+    status: failure.status, bytesIn: 0, bytesOut: 0, upstream: undefined, error: failure.code, requestId: undefined,
+  });
+}
+
+function writeRawResponse(socket: Duplex, failure: ProxyFailure): void {
+  const body = `${failure.message}\n`;
+  socket.end(`HTTP/1.1 ${failure.status} ${STATUS_TEXT[failure.status] ?? 'Error'}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+}
+
+const STATUS_TEXT: Readonly<Record<number, string>> = { 400: 'Bad Request', 404: 'Not Found', 421: 'Misdirected Request', 503: 'Service Unavailable' };
