@@ -80,11 +80,11 @@ export class TlsAlpnResponder {
       ALPNProtocols: [ACME_TLS_ALPN_PROTOCOL],
       SNICallback: (name, callback) => callback(null, this.#contexts.get(name.toLowerCase())),
     });
-    // The CA closes the connection after reading the certificate; nothing to serve.
+    // The handshake is the whole answer (RFC 8737 §3): the CA has the certificate once it is done.
     this.#server.on('secureConnection', (socket) => {
-      socket.setTimeout(10_000, () => socket.destroy());
       socket.on('error', () => {});
-      socket.resume();
+      socket.setTimeout(10_000, () => socket.destroy());
+      socket.end();
     });
     this.#server.on('tlsClientError', () => {});
   }
