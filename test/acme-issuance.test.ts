@@ -78,6 +78,7 @@ describe('ACME issuance against Pebble', () => {
     assert.match(first.issuer, /Pebble Intermediate/);
     await verifyServes(first, await pebble.issuingRoot(), name);
     assert.ok(listeners.http01Answers > 0);
+    assert.equal(acme.handleHttp01('/.well-known/acme-challenge/unknown'), undefined, 'tokens are removed after validation');
     assert.equal(acme.orderCount, 1);
     assert.equal(pebble.orderCount(), 1);
 

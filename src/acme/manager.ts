@@ -220,6 +220,16 @@ export class AcmeIssuer implements CertificateSource {
     });
   }
 
+  /**
+   * The plain HTTP listener's hook, before any redirect: the key authorization to answer (200,
+   * `text/plain`) for a pending HTTP-01 challenge path (RFC 8555 §8.3), else undefined.
+   * Same as `http01.handle(path)`.
+   * @param path the request target, e.g. `/.well-known/acme-challenge/<token>`.
+   */
+  handleHttp01(path: string | undefined): string | undefined {
+    return this.http01.handle(path);
+  }
+
   /** Orders this instance has created (RFC 8555 §7.4 `newOrder`), for /status and tests. */
   get orderCount(): number {
     return this.#orders;
