@@ -1,0 +1,128 @@
+# Helpers for bench/run.sh: logging, free ports, process start/stop by pid, config rendering,
+# load generators and their output parsing. Sourced, not run.
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# Install what is missing (Debian/Ubuntu, as root), unless BENCH_INSTALL=0.
+# Usage: ensure_tools REQUIRED_CMD:PACKAGE... -- OPTIONAL_CMD:PACKAGE...
+ensure_tools() {
+  local missing=() spec required=1
+  for spec in "$@"; do
+    if [ "$spec" = "--" ]; then required=0; continue; fi
+    command -v "${spec%%:*}" >/dev/null 2>&1 || missing+=("${spec#*:}")
+  done
+  if [ "${#missing[@]}" -gt 0 ] && [ "${BENCH_INSTALL:-1}" = "1" ] && command -v apt-get >/dev/null 2>&1 \
+      && [ "$(id -u)" = "0" ]; then
+    log "installing ${missing[*]}"
+    apt-get update -qq >&2 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2 || log "apt-get failed; continuing with what is installed"
+  fi
+  required=1
+  for spec in "$@"; do
+    if [ "$spec" = "--" ]; then required=0; continue; fi
+    if ! command -v "${spec%%:*}" >/dev/null 2>&1; then
+      if [ "$required" = 1 ]; then log "missing required tool: ${spec%%:*} (Debian package ${spec#*:})"; return 1; fi
+      log "not installed, skipped: ${spec%%:*}"
+    fi
+  done
+}
+
+# Print N free TCP ports on 127.0.0.1 (the kernel picks them; all held open until all are known).
+free_ports() {
+  node -e '
+    const net = require("node:net");
+    const n = Number(process.argv[1]); const servers = []; const ports = [];
+    const next = () => {
+      if (ports.length === n) { for (const s of servers) s.close(); console.log(ports.join(" ")); return; }
+      const s = net.createServer(); servers.push(s);
+      s.listen(0, "127.0.0.1", () => { ports.push(s.address().port); next(); });
+    };
+    next();' "$1"
+}
+
+# Substitute @NAME@ placeholders from the environment-like variables of this script.
+render() {
+  sed -e "s#@TMP@#${TMP}#g" \
+      -e "s#@CERT@#${CERT}#g" -e "s#@KEY@#${KEY}#g" -e "s#@PEM@#${PEM}#g" \
+      -e "s#@BACKEND_PORT@#${BACKEND_PORT}#g" -e "s#@BACKEND_TLS_PORT@#${BACKEND_TLS_PORT}#g" \
+      -e "s#@WS_PORT@#${WS_PORT}#g" -e "s#@PLAIN_PORT@#${PLAIN_PORT}#g" -e "s#@TLS_PORT@#${TLS_PORT}#g" \
+      "$1" > "$2"
+}
+
+# Every process we start, by pid, so the EXIT trap can stop them all.
+PIDS=()
+
+# start NAME CPU COMMAND...: run COMMAND pinned to CPU in the background; its pid in STARTED_PID.
+start() {
+  local name=$1 cpu=$2; shift 2
+  taskset -c "$cpu" "$@" >"$TMP/$name.out" 2>&1 </dev/null &
+  STARTED_PID=$!
+  PIDS+=("$STARTED_PID")
+}
+
+# stop PID: SIGTERM, then SIGKILL after 5 s; waits for it to be gone.
+stop() {
+  local pid=$1 i
+  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return 0; }
+  kill -TERM "$pid" 2>/dev/null
+  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  return 0
+}
+
+stop_all() {
+  local pid
+  for pid in "${PIDS[@]}"; do stop "$pid"; done
+  PIDS=()
+}
+
+# wait_port PORT PID [SECONDS=15]: until 127.0.0.1:PORT accepts, or PID exits, or the time is up.
+wait_port() {
+  local port=$1 pid=$2 deadline=$(( SECONDS + ${3:-15} ))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    kill -0 "$pid" 2>/dev/null || return 1
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# check URL EXPECTED_SIZE [CURL ARGS...]: one request must answer 200 with the full body.
+# Prints the reason when it does not.
+check() {
+  local url=$1 size=$2 got; shift 2
+  got=$(curl -sk --max-time 5 -o /dev/null -w '%{http_code} %{size_download}' "$@" "$url" 2>&1) || true
+  [ "$got" = "200 $size" ] && return 0
+  echo "check of $url answered '${got:-nothing}'"
+  return 1
+}
+
+# A JSON string literal of $1 (quotes, backslashes and control characters escaped).
+json_string() {
+  local s=${1//\\/\\\\}
+  s=${s//\"/\\\"}
+  s=$(printf '%s' "$s" | tr '\n\t\r' '   ')
+  printf '"%s"' "$s"
+}
+
+# record TARGET SCENARIO JSON: one result line for report.mjs.
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$RESULTS"; }
+record_error() { record "$1" "$2" "{\"value\":null,\"error\":$(json_string "$3")}"; }
+
+# wrk and h2load print text; parse it into the JSON result line.
+parse() { node "$BENCH_DIR/parse-output.mjs" "$@"; }
+
+# The load generator, always on the load CPU.
+load() { taskset -c "$CPU_LOAD" "$@"; }
+
+wrk_run() {  # wrk_run URL [WRK ARGS...]: warm-up, then the measured run.
+  local url=$1; shift
+  load wrk -t1 -c"$WRK_CONNECTIONS" -d"${WARMUP}s" "$@" "$url" >/dev/null 2>&1
+  load wrk -t1 -c"$WRK_CONNECTIONS" -d"${DURATION}s" "$@" "$url" 2>&1 | parse wrk
+}
+
+h2load_run() {  # h2load_run TLS_PORT PATH: 16 connections x 16 streams, warm-up included.
+  load h2load -c16 -m16 -D "$DURATION" --warm-up-time="$WARMUP" \
+    --connect-to="127.0.0.1:$1" "https://bench.localhost:$1$2" 2>&1 | parse h2load
+}

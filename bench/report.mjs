@@ -1,0 +1,81 @@
+// Builds the Markdown results table from the lines run.sh recorded.
+// Usage: node bench/report.mjs RESULTS_FILE SCENARIOS TARGETS
+//   RESULTS_FILE lines: "#meta\tKEY\tVALUE" | "#target\tNAME" | "TARGET\tSCENARIO\tJSON"
+// Cells: throughput (higher is better) or latency p50 / p99 (lower is better). The peers' cells
+// carry their ratio to Gatehouse (peer ÷ Gatehouse) when both were measured.
+import { readFileSync } from 'node:fs';
+
+const [file, scenarioArg, targetArg] = process.argv.slice(2);
+const scenarios = scenarioArg.split(',').filter(Boolean);
+const targets = targetArg.split(',').filter(Boolean);
+
+const TARGET_NAMES = { direct: 'Direct backend', gatehouse: 'Gatehouse', nginx: 'nginx', caddy: 'Caddy', haproxy: 'HAProxy' };
+const meta = {};
+const results = new Map(); // "target scenario" -> result object
+
+for (const line of readFileSync(file, 'utf8').split('\n')) {
+  if (!line) continue;
+  const fields = line.split('\t');
+  if (fields[0] === '#meta') meta[fields[1]] = fields[2];
+  else if (fields[0].startsWith('#')) continue;
+  else {
+    let result;
+    try { result = JSON.parse(fields[2]); } catch { result = { value: null, error: `unreadable result: ${fields[2]}` }; }
+    results.set(`${fields[0]} ${fields[1]}`, result);
+  }
+}
+
+const rate = /latency rate (\d+)/.exec(meta.settings ?? '')?.[1] ?? '?';
+const SCENARIO_NAMES = {
+  h1: 'HTTP/1.1 plain, keep-alive, 1 KiB (req/s)',
+  'h1-256k': 'HTTP/1.1 plain, keep-alive, 256 KiB (req/s)',
+  'h1-tls': 'HTTPS HTTP/1.1, keep-alive, 1 KiB (req/s)',
+  h2: 'HTTPS HTTP/2, 16 conns × 16 streams, 1 KiB (req/s)',
+  'tls-new': 'New TLS connection per request (handshakes/s)',
+  ws: 'WebSocket echo, 16 conns × 4 in flight (msg/s)',
+  latency: `Latency at ${rate} req/s, HTTPS h1: p50 / p99 (ms, lower is better)`,
+};
+
+const isLatency = (scenario) => scenario === 'latency';
+const measured = (scenario, result) => result && (isLatency(scenario) ? Number.isFinite(result.p99) : Number.isFinite(result.value));
+const formatRate = (n) => Math.round(n).toLocaleString('en-US');
+const formatMs = (n) => (n < 10 ? n.toFixed(2) : n.toFixed(1));
+
+const notes = [];
+function noteFor(reason) {
+  let index = notes.indexOf(reason);
+  if (index === -1) index = notes.push(reason) - 1;
+  return `n/a [${index + 1}]`;
+}
+
+function cell(target, scenario) {
+  const result = results.get(`${target} ${scenario}`);
+  if (!result) return noteFor('not run');
+  if (!measured(scenario, result)) return noteFor(`${TARGET_NAMES[target] ?? target}: ${result.error ?? 'no figure'}`);
+  const base = results.get(`gatehouse ${scenario}`);
+  let text = isLatency(scenario) ? `${formatMs(result.p50)} / ${formatMs(result.p99)}` : formatRate(result.value);
+  if (target !== 'gatehouse' && measured(scenario, base)) {
+    const ratio = isLatency(scenario) ? result.p99 / base.p99 : result.value / base.value;
+    text += isLatency(scenario) ? ` (p99 ${ratio.toFixed(2)}×)` : ` (${ratio.toFixed(2)}×)`;
+  }
+  return text;
+}
+
+const out = [];
+out.push('# Gatehouse benchmark');
+out.push('');
+out.push(`${meta.date ?? ''} · ${meta.machine ?? ''} · ${meta.settings ?? ''}`);
+out.push('');
+out.push(`| Scenario | ${targets.map((t) => TARGET_NAMES[t] ?? t).join(' | ')} |`);
+out.push(`|---|${targets.map(() => '---:').join('|')}|`);
+for (const scenario of scenarios) {
+  out.push(`| ${SCENARIO_NAMES[scenario] ?? scenario} | ${targets.map((t) => cell(t, scenario)).join(' | ')} |`);
+}
+out.push('');
+out.push('Ratios in parentheses: that column ÷ Gatehouse (throughput: above 1 means faster than Gatehouse; ' +
+  'latency: p99 ratio, below 1 means lower latency than Gatehouse). Only ratios from one run are comparable.');
+if (notes.length > 0) {
+  out.push('');
+  notes.forEach((note, i) => out.push(`[${i + 1}] ${note}`));
+}
+process.stdout.write(`${out.join('\n')}\n`);

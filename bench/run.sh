@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Gatehouse benchmark: the same backend reached directly, through Gatehouse, and through nginx,
+# Caddy and HAProxy (each when installed). Proxies run one at a time, alone on one CPU; the
+# backend and the load generators share the other. Prints a Markdown table and saves it to
+# bench/results/latest.md. See bench/README.md.
+#
+# Environment:
+#   BENCH_DURATION   seconds per measurement (default 10)
+#   BENCH_WARMUP     seconds of warm-up before each measurement (default 2)
+#   BENCH_SCENARIOS  comma list (default all): h1,h1-256k,h1-tls,h2,tls-new,ws,latency
+#   BENCH_TARGETS    comma list (default all): direct,gatehouse,nginx,caddy,haproxy
+#   BENCH_RATE       requests/s of the latency scenario (default 1000)
+#   BENCH_INSTALL    0 = never apt-get install missing tools (default 1, as root only)
+set -uo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$BENCH_DIR")
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
+# Node resolves ws and undici from the project's node_modules; gatehouse runs from here.
+cd "$ROOT" || exit 1
+
+DURATION=${BENCH_DURATION:-10}
+WARMUP=${BENCH_WARMUP:-2}
+RATE=${BENCH_RATE:-1000}
+WRK_CONNECTIONS=50
+ALL_SCENARIOS=h1,h1-256k,h1-tls,h2,tls-new,ws,latency
+ALL_TARGETS=direct,gatehouse,nginx,caddy,haproxy
+SCENARIOS=${BENCH_SCENARIOS:-$ALL_SCENARIOS}
+TARGETS=${BENCH_TARGETS:-$ALL_TARGETS}
+
+ensure_tools node:nodejs curl:curl openssl:openssl taskset:util-linux wrk:wrk h2load:nghttp2-client \
+  nginx:nginx-light -- caddy:caddy haproxy:haproxy || exit 1
+
+# Load generator and backend on CPU 0, the proxy under test alone on CPU 1.
+CPU_LOAD=0
+CPU_PROXY=1
+if [ "$(nproc --all)" -lt 2 ]; then
+  log "only one CPU: no pinning separation, figures mean even less"
+  CPU_PROXY=0
+fi
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-bench.XXXXXX")
+cleanup() {
+  stop_all
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+# nginx workers run as an unprivileged user when started as root: they must reach the files.
+chmod 755 "$TMP"
+RESULTS=$TMP/results.tsv
+: > "$RESULTS"
+
+# One self-signed ECDSA P-256 certificate for bench.localhost, used by every TLS listener.
+CERT=$TMP/bench.localhost.crt
+KEY=$TMP/bench.localhost.key
+PEM=$TMP/bench.localhost.pem
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+  -subj /CN=bench.localhost -addext subjectAltName=DNS:bench.localhost \
+  -keyout "$KEY" -out "$CERT" >/dev/null 2>&1 || { log "openssl could not make a certificate"; exit 1; }
+cat "$CERT" "$KEY" > "$PEM"
+
+# The bodies the backend serves.
+mkdir -p "$TMP/www"
+head -c 1024 /dev/urandom > "$TMP/www/1k"
+head -c 262144 /dev/urandom > "$TMP/www/256k"
+chmod 644 "$TMP/www/"*
+
+read -r BACKEND_PORT BACKEND_TLS_PORT WS_PORT PLAIN_PORT TLS_PORT < <(free_ports 5)
+
+# --- the backend (CPU 0): nginx with one worker, and a WebSocket echo server ---
+render "$BENCH_DIR/templates/backend-nginx.conf" "$TMP/backend-nginx.conf"
+start backend "$CPU_LOAD" nginx -p "$TMP" -c "$TMP/backend-nginx.conf" -e "$TMP/backend-error.log"
+BACKEND_PID=$STARTED_PID
+start ws-echo "$CPU_LOAD" node "$BENCH_DIR/ws-echo.mjs" "$WS_PORT"
+WS_PID=$STARTED_PID
+if ! wait_port "$BACKEND_PORT" "$BACKEND_PID" || ! wait_port "$WS_PORT" "$WS_PID"; then
+  log "the backend did not start:"; cat "$TMP/backend.out" "$TMP/ws-echo.out" >&2; exit 1
+fi
+if reason=$(check "http://127.0.0.1:$BACKEND_PORT/1k" 1024); then :; else log "backend: $reason"; exit 1; fi
+
+printf '#meta\tdate\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" >> "$RESULTS"
+printf '#meta\tmachine\t%s CPUs, %s\n' "$(nproc --all)" \
+  "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //' || uname -m)" >> "$RESULTS"
+printf '#meta\tsettings\tduration %ss, warm-up %ss, latency rate %s req/s\n' "$DURATION" "$WARMUP" "$RATE" >> "$RESULTS"
+
+# --- targets: start one, measure every scenario, stop it ---
+
+# start_target NAME: sets TARGET_PLAIN, TARGET_TLS, TARGET_PID (empty for direct); sets REASON and
+# returns 1 when the target cannot run.
+start_target() {
+  local name=$1
+  TARGET_PID=
+  case $name in
+    direct)
+      TARGET_PLAIN=$BACKEND_PORT; TARGET_TLS=$BACKEND_TLS_PORT; return 0 ;;
+    gatehouse)
+      [ -f "$ROOT/dist/cli.js" ] || { REASON="dist/cli.js missing (run npm run build)"; return 1; }
+      render "$BENCH_DIR/templates/gatehouse.yaml" "$TMP/gatehouse.yaml"
+      start gatehouse "$CPU_PROXY" node dist/cli.js run --config "$TMP/gatehouse.yaml"
+      TARGET_PID=$STARTED_PID ;;
+    nginx)
+      render "$BENCH_DIR/templates/nginx.conf" "$TMP/nginx.conf"
+      start nginx "$CPU_PROXY" nginx -p "$TMP" -c "$TMP/nginx.conf" -e "$TMP/nginx-proxy-error.log"
+      TARGET_PID=$STARTED_PID ;;
+    caddy)
+      command -v caddy >/dev/null || { REASON="caddy not installed"; return 1; }
+      render "$BENCH_DIR/templates/Caddyfile" "$TMP/Caddyfile"
+      mkdir -p "$TMP/caddy-home"
+      start caddy "$CPU_PROXY" env GOMAXPROCS=1 HOME="$TMP/caddy-home" XDG_DATA_HOME="$TMP/caddy-home" \
+        XDG_CONFIG_HOME="$TMP/caddy-home" caddy run --config "$TMP/Caddyfile" --adapter caddyfile
+      TARGET_PID=$STARTED_PID ;;
+    haproxy)
+      command -v haproxy >/dev/null || { REASON="haproxy not installed"; return 1; }
+      render "$BENCH_DIR/templates/haproxy.cfg" "$TMP/haproxy.cfg"
+      start haproxy "$CPU_PROXY" haproxy -db -f "$TMP/haproxy.cfg"
+      TARGET_PID=$STARTED_PID ;;
+    *) REASON="unknown target"; return 1 ;;
+  esac
+  TARGET_PLAIN=$PLAIN_PORT; TARGET_TLS=$TLS_PORT
+  if ! wait_port "$TARGET_PLAIN" "$TARGET_PID" 20 || ! wait_port "$TARGET_TLS" "$TARGET_PID" 5; then
+    REASON="did not start: $(tail -c 300 "$TMP/$name.out" | tr '\n' ' ')"
+    return 1
+  fi
+}
+
+is_tls_scenario() { case $1 in h1-tls|h2|tls-new|latency) return 0 ;; *) return 1 ;; esac; }
+
+run_scenario() {  # run_scenario SCENARIO: prints one JSON result line.
+  case $1 in
+    h1)       wrk_run "http://127.0.0.1:$TARGET_PLAIN/1k" ;;
+    h1-256k)  wrk_run "http://127.0.0.1:$TARGET_PLAIN/256k" ;;
+    h1-tls)   wrk_run "https://127.0.0.1:$TARGET_TLS/1k" -H "Host: bench.localhost" ;;
+    h2)       h2load_run "$TARGET_TLS" /1k ;;
+    tls-new)  load node "$BENCH_DIR/tls-handshakes.mjs" 127.0.0.1 "$TARGET_TLS" /1k "$DURATION" "$WARMUP" ;;
+    ws)       local ws_url="ws://127.0.0.1:$TARGET_PLAIN/ws"
+              [ "$TARGET_NAME" = direct ] && ws_url="ws://127.0.0.1:$WS_PORT/ws"
+              load node "$BENCH_DIR/ws-client.mjs" "$ws_url" "$DURATION" "$WARMUP" ;;
+    latency)  load node "$BENCH_DIR/latency.mjs" "https://127.0.0.1:$TARGET_TLS" /1k "$RATE" "$DURATION" "$WARMUP" ;;
+    *)        echo '{"value":null,"error":"unknown scenario"}' ;;
+  esac
+}
+
+IFS=, read -r -a target_list <<< "$TARGETS"
+IFS=, read -r -a scenario_list <<< "$SCENARIOS"
+for TARGET_NAME in "${target_list[@]}"; do
+  printf '#target\t%s\n' "$TARGET_NAME" >> "$RESULTS"
+  log "$TARGET_NAME: starting"
+  if ! start_target "$TARGET_NAME"; then
+    log "$TARGET_NAME: $REASON"
+    for scenario in "${scenario_list[@]}"; do record_error "$TARGET_NAME" "$scenario" "$REASON"; done
+    [ -n "$TARGET_PID" ] && stop "$TARGET_PID"
+    continue
+  fi
+  plain_ok=; tls_ok=
+  plain_ok=$(check "http://127.0.0.1:$TARGET_PLAIN/1k" 1024) && plain_ok=ok
+  tls_ok=$(check "https://bench.localhost:$TARGET_TLS/1k" 1024 --http2 \
+    --resolve "bench.localhost:$TARGET_TLS:127.0.0.1") && tls_ok=ok
+  for scenario in "${scenario_list[@]}"; do
+    if is_tls_scenario "$scenario"; then gate=$tls_ok; else gate=$plain_ok; fi
+    if [ "$gate" != ok ]; then record_error "$TARGET_NAME" "$scenario" "$gate"; continue; fi
+    if [ -n "$TARGET_PID" ] && ! kill -0 "$TARGET_PID" 2>/dev/null; then
+      record_error "$TARGET_NAME" "$scenario" "the process exited: $(tail -c 200 "$TMP/$TARGET_NAME.out" | tr '\n' ' ')"
+      continue
+    fi
+    log "$TARGET_NAME: $scenario"
+    line=$(run_scenario "$scenario" | tail -n 1)
+    [ -n "$line" ] || line='{"value":null,"error":"the load generator printed nothing"}'
+    record "$TARGET_NAME" "$scenario" "$line"
+  done
+  [ -n "$TARGET_PID" ] && stop "$TARGET_PID"
+done
+
+mkdir -p "$BENCH_DIR/results"
+node "$BENCH_DIR/report.mjs" "$RESULTS" "$SCENARIOS" "$TARGETS" > "$BENCH_DIR/results/latest.md"
+cat "$BENCH_DIR/results/latest.md"
