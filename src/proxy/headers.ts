@@ -142,7 +142,7 @@ export function toUpstreamRequestHeaders(
         if (host === '') host = value;
         continue;
       case 'connection':
-        connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
+        if (!isPlainConnectionValue(value)) connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
         continue;
       case 'te':
         if (/(?:^|,)\s*trailers\s*(?:[;,]|$)/i.test(value)) facts.teTrailers = true;
@@ -213,6 +213,16 @@ function viaEntry(httpVersion: string): string {
   }
 }
 
+/** True for the common `Connection` values that name no other field (the fast path skips the scan). */
+function isPlainConnectionValue(value: string): boolean {
+  switch (value) {
+    case 'keep-alive': case 'Keep-Alive': case 'close': case 'Close': case 'upgrade': case 'Upgrade':
+      return true;
+    default:
+      return false;
+  }
+}
+
 /** Removes from a flat name/value list every field named in a `Connection` value (RFC 9110 §7.6.1). */
 function removeConnectionListed(list: string[], connectionTokens: string): void {
   const listed = new Set<string>();
@@ -260,7 +270,7 @@ export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2
     const lower = name.toLowerCase();
     switch (lower) {
       case 'connection':
-        connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
+        if (!isPlainConnectionValue(value)) connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
         continue;
       case 'keep-alive':
       case 'proxy-connection':
