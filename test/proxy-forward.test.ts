@@ -368,7 +368,7 @@ describe('forward', () => {
     res.pause(); // stop reading: socket buffers fill up, the proxy must stop reading the upstream
     await new Promise((r) => setTimeout(r, 600));
     req.destroy();
-    const [{ completed, sent }] = (await closed) as [{ completed: boolean; sent: number }];
+    const [{ completed, sent }] = (await within(closed, 10_000, 'the upstream response to be cut')) as [{ completed: boolean; sent: number }];
     assert.equal(completed, false);
     assert.ok(sent < 64 * MiB, `the upstream sent only what buffers hold (${sent} bytes)`);
   });
@@ -404,7 +404,7 @@ describe('forward', () => {
           });
         }
       });
-      const [{ completed, sent }] = (await closed) as [{ completed: boolean; sent: number }];
+      const [{ completed, sent }] = (await within(closed, 10_000, `${protocol}: the upstream response to be cut`)) as [{ completed: boolean; sent: number }];
       assert.equal(completed, false, `${protocol}: the upstream response was cut`);
       assert.ok(sent < size, `sent ${sent}`);
       // The aborted exchange reports the client's leaving, and nothing is left running on the pool.
@@ -544,6 +544,19 @@ describe('header translation', () => {
     }
   });
 });
+
+/** Resolves like `promise`, or rejects after `ms` saying what did not happen. */
+async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 async function waitFor(condition: () => boolean, timeoutMs = 5_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

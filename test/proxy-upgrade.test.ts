@@ -5,8 +5,12 @@
  */
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { readdirSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
+import http2 from 'node:http2';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import net, { type AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { WebSocket } from 'ws';
@@ -133,6 +137,42 @@ describe('proxyUpgrade', () => {
     await waitFor(() => inbound.outcomes.length >= 2);
     assert.equal(inbound.outcomes[0]!.status, 101);
     assert.ok(inbound.outcomes[1]!.bytesOut > 70_000, `bytesOut ${inbound.outcomes[1]!.bytesOut}`);
+  });
+
+  test('WebSocket over TLS on the HTTP/2 listener (allowHTTP1) is proxied too', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gh-upgrade-cert-'));
+    let cert: string;
+    let key: string;
+    try {
+      execFileSync('openssl', [
+        'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', join(dir, 'key.pem'),
+        '-out', join(dir, 'cert.pem'), '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1',
+      ], { stdio: 'ignore' });
+      cert = readFileSync(join(dir, 'cert.pem'), 'utf8');
+      key = readFileSync(join(dir, 'key.pem'), 'utf8');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+    const secure = http2.createSecureServer({ cert, key, allowHTTP1: true });
+    secure.on('upgrade', (req: http.IncomingMessage, socket: net.Socket, head: Buffer) => {
+      proxyUpgrade(req, socket, head, { upstream: wsUpstream, path: req.url ?? '/', clientIp: req.socket.remoteAddress ?? '', protocol: 'https' });
+    });
+    secure.listen(0, '127.0.0.1');
+    await once(secure, 'listening');
+    try {
+      const ws = new WebSocket(`wss://127.0.0.1:${(secure.address() as AddressInfo).port}/tls`, { ca: cert });
+      ws.on('error', () => {});
+      await once(ws, 'open');
+      ws.send('over tls');
+      const [data] = (await once(ws, 'message')) as [Buffer];
+      assert.equal(data.toString(), 'over tls');
+      assert.equal(wsEcho.upgrades.at(-1)!['x-forwarded-proto'], 'https');
+      const closed = once(ws, 'close');
+      ws.close();
+      await closed;
+    } finally {
+      await new Promise<void>((r) => secure.close(() => r()));
+    }
   });
 
   test('an upstream refusing the upgrade (403) is relayed and the connection closes, never a tunnel', async () => {
