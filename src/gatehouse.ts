@@ -14,18 +14,16 @@ import { dispatchRequest, dispatchUpgrade, requestHost, type AccessRecord, type 
 import { buildRuntime, type Runtime } from './routing/runtime.js';
 import { CertificateStore, covers, loadStaticCertificates, type ObtainDecision } from './tls/certificates.js';
 import { LocalCA } from './tls/local-ca.js';
-import type { Certificate, CertificateSource } from './tls/source.js';
+import type { Certificate } from './tls/source.js';
+import { AcmeIssuer } from './acme/manager.js';
 import { FileStorage } from './tls/storage.js';
 
-/** Hooks other subsystems (ACME) plug into; filled in by {@link Gatehouse.start}. */
+/** The certificate issuers of a running server. */
 export interface CertificateIssuers {
   /** The local CA (`tls: internal`, temporary certificates, the default certificate). */
   readonly internal: LocalCA;
-  /** The ACME issuer for `tls: acme` sites; absent when no site uses ACME. */
-  readonly acme?: CertificateSource & {
-    /** Key authorization for an HTTP-01 token, or undefined (RFC 8555 §8.3). */
-    http01?(token: string): string | undefined;
-  };
+  /** The ACME issuer; present when a site uses `tls: acme` or `tls.on_demand` is set. */
+  readonly acme: AcmeIssuer | undefined;
 }
 
 /** A running edge server. */
@@ -90,14 +88,23 @@ export class Gatehouse {
       store.setDefault(() => internal.issue(['localhost', '127.0.0.1', '::1']));
       await store.refreshDefault();
     }
+    const acme = needsAcme(config)
+      ? await AcmeIssuer.fromConfig(config.tls, { storage, logger: logger.child({ logger: 'tls' }), onCertificate: (c) => store.put(c) })
+      : undefined;
     const runtime = buildRuntime(config.sites, logger.child({ logger: 'upstream' }));
-    const gatehouse = new Gatehouse(config, logger, store, { internal }, staticCertificates, runtime);
+    const gatehouse = new Gatehouse(config, logger, store, { internal, acme }, staticCertificates, runtime);
     store.setPolicy((name) => gatehouse.#obtainPolicy(name));
     try {
       await gatehouse.#listen();
+      // After the listeners: the HTTP-01 and TLS-ALPN-01 answers must be reachable before ordering.
+      if (acme) {
+        await acme.manage(acmeNames(config));
+        acme.start();
+      }
     } catch (error) {
       await gatehouse.#closeListeners(0);
       await runtime.close();
+      await acme?.close();
       throw error;
     }
     runtime.start();
@@ -143,6 +150,8 @@ export class Gatehouse {
     }
     for (const certificate of staticCertificates) this.#store.put(certificate);
     this.#staticCertificates = staticCertificates;
+    if (this.#issuers.acme) await this.#issuers.acme.manage(acmeNames(config));
+    else if (needsAcme(config)) this.#logger.warn('the new config uses ACME but the old one did not: restart to start the ACME issuer');
     const old = this.#runtime;
     this.#runtime = runtime;
     this.#config = config;
@@ -157,8 +166,10 @@ export class Gatehouse {
    */
   stop(): Promise<void> {
     this.#stopping ??= (async () => {
+      this.#issuers.acme?.stop();
       await this.#closeListeners(this.#config.grace_period);
       await this.#runtime.close();
+      await this.#issuers.acme?.close();
     })();
     return this.#stopping;
   }
@@ -173,6 +184,9 @@ export class Gatehouse {
         onRequest: (req, res) => dispatchRequest(req, res, this.#httpsContext),
         onUpgrade: (req, socket, head) => dispatchUpgrade(req, socket, head, this.#httpsContext),
         onClientError,
+        ...(this.#issuers.acme && this.#config.tls.acme.challenges.includes('tls-alpn-01')
+          ? { acceptConnection: this.#issuers.acme.tlsAlpn.handleConnection.bind(this.#issuers.acme.tlsAlpn) }
+          : {}),
       });
       this.addresses.https = await this.#https.listen();
     }
@@ -194,11 +208,10 @@ export class Gatehouse {
   /** Plain HTTP: ACME challenge, else redirect to HTTPS, else serve the plain site. */
   #onPlainRequest(req: IncomingMessage, res: ServerResponse): void {
     const url = req.url ?? '/';
-    if (url.startsWith(ACME_CHALLENGE_PREFIX)) {
-      const token = url.slice(ACME_CHALLENGE_PREFIX.length).split('?')[0]!;
-      const answer = this.#issuers.acme?.http01?.(token);
+    if (url.startsWith(ACME_CHALLENGE_PREFIX) && this.#issuers.acme) {
+      const answer = this.#issuers.acme.handleHttp01(url);
       if (answer !== undefined) {
-        res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': Buffer.byteLength(answer) });
+        res.writeHead(200, { 'Content-Type': 'text/plain', 'Content-Length': Buffer.byteLength(answer) });
         res.end(answer);
         return;
       }
@@ -234,20 +247,23 @@ export class Gatehouse {
   }
 
   /** Which source may obtain a certificate for a name the store does not have. */
+  /**
+   * Which source may obtain a certificate for a name the store does not have:
+   * - an internal site's name: the local CA, during the handshake;
+   * - a name an ACME site lists exactly: ACME in the background, the local CA meanwhile (the
+   *   handshake is never stalled by an order);
+   * - any other name (an ACME site's wildcard or `*`, or no site) with `tls.on_demand`: ACME during
+   *   the handshake, after the on-demand gate (ask URL or allow list) approved the name.
+   */
   #obtainPolicy(name: string): ObtainDecision | undefined {
     const routed = this.#runtime.router.siteFor(name);
-    const internal = this.#issuers.internal;
-    if (routed === undefined) return undefined;
-    switch (routed.site.config.tls) {
-      case 'internal':
-        return { source: internal, waitInHandshake: true };
-      case 'acme':
-        return this.#issuers.acme
-          ? { source: this.#issuers.acme, waitInHandshake: false, temporary: internal }
-          : { source: internal, waitInHandshake: true };
-      default:
-        return undefined;
-    }
+    const { internal, acme } = this.#issuers;
+    const mode = routed?.site.config.tls;
+    if (mode === 'internal') return { source: internal, waitInHandshake: true };
+    if (mode === 'static' || mode === 'off' || acme === undefined) return undefined;
+    if (mode === 'acme' && routed!.site.hosts.includes(name)) return { source: acme, waitInHandshake: false, temporary: internal };
+    if (this.#config.tls.on_demand) return { source: acme, waitInHandshake: true };
+    return undefined;
   }
 
   #logAccess(record: AccessRecord): void {
@@ -273,4 +289,14 @@ export class Gatehouse {
       error: record.error,
     }, 'request');
   }
+}
+
+/** ACME is needed when a site uses it or on-demand TLS is configured. */
+function needsAcme(config: GatehouseConfig): boolean {
+  return config.tls.on_demand !== undefined || config.sites.some((site) => site.tls === 'acme');
+}
+
+/** Exact names of `tls: acme` sites (wildcards and `*` are on-demand only). */
+function acmeNames(config: GatehouseConfig): string[] {
+  return config.sites.filter((site) => site.tls === 'acme').flatMap((site) => site.hosts.filter((host) => !host.includes('*')));
 }

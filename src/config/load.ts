@@ -116,6 +116,9 @@ export function resolveConfig(
     return { ...site, tls, redirect: site.redirect ?? tls !== 'off' };
   });
   const onDemand = parsed.tls.on_demand;
+  if (onDemand && !parsed.tls.acme.agree_tos && !sites.some((site) => site.tls === 'acme')) {
+    report(['tls', 'acme', 'agree_tos'], "on-demand TLS uses ACME: set tls.acme.agree_tos: true to agree to the CA's terms of service");
+  }
   if (onDemand && !onDemand.ask && !(onDemand.allow && onDemand.allow.length > 0)) {
     report(['tls', 'on_demand'], 'on-demand TLS needs "ask" (a URL that approves each name) or an "allow" list: an open on-demand endpoint lets anyone spend the rate limits');
   }
