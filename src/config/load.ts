@@ -131,6 +131,7 @@ export function resolveConfig(
       acme: { ...parsed.tls.acme, ca_bundle: parsed.tls.acme.ca_bundle ? abs(parsed.tls.acme.ca_bundle) : undefined },
       certificates: parsed.tls.certificates.map((c) => ({ cert: abs(c.cert), key: abs(c.key) })),
     },
+    log: { ...parsed.log, access_file: parsed.log.access_file === undefined ? undefined : abs(parsed.log.access_file) },
     sites,
   };
   return deepFreeze(config);

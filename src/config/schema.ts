@@ -59,6 +59,16 @@ export function parseListenAddress(value: string | number): ListenAddress | unde
   return isPort(port) ? { host: match[1] ?? match[2], port } : undefined;
 }
 
+/** An IP address or CIDR block (`10.0.0.0/8`, `2001:db8::/32`, `127.0.0.1`). */
+const cidr = z.string().refine((value) => {
+  const [address, bits, extra] = value.split('/');
+  const family = isIP(address ?? '');
+  if (family === 0 || extra !== undefined) return false;
+  if (bits === undefined) return true;
+  const n = Number(bits);
+  return /^\d+$/.test(bits) && n <= (family === 4 ? 32 : 128);
+}, 'expected an IP address or a CIDR block such as "10.0.0.0/8"');
+
 const upstreamUrl = z.string().transform((value, ctx) => {
   let url: URL | undefined;
   try {
@@ -152,6 +162,37 @@ const timeouts = z.strictObject({
 });
 export type TimeoutsConfig = z.output<typeof timeouts>;
 
+/**
+ * Rate limiting of a route: a token bucket per key (client IP by default). A request takes one
+ * token; an empty bucket answers 429 with `Retry-After` and the IETF `RateLimit`/`RateLimit-Policy`
+ * headers. Buckets live in a bounded LRU, so a flood of distinct keys costs memory, not correctness.
+ */
+const rateLimit = z.strictObject({
+  /** Tokens added per `per` (requests per period at a steady pace); a number > 0. Required. */
+  rate: z.number().positive(),
+  /** The period of `rate` (ms after parsing). Default `1s`. */
+  per: duration.default(1_000),
+  /** Bucket size: requests allowed at once after a quiet period (integer >= 1). Default: `rate` rounded up. */
+  burst: z.number().int().min(1).optional(),
+  /** What a bucket belongs to: `ip` (the client IP, see `trusted_proxies`) or `header:NAME` (e.g.
+   * `header:X-Api-Key`; requests without the header fall back to the client IP). Default `ip`. */
+  key: z.string().regex(/^(ip|header:[!#$%&'*+\-.^_`|~0-9A-Za-z]+)$/, 'expected "ip" or "header:NAME"').default('ip'),
+  /** Most buckets kept (least recently used dropped first; a dropped key starts full again). Default 100000. */
+  max_keys: z.number().int().min(1).default(100_000),
+});
+export type RateLimitConfig = z.output<typeof rateLimit>;
+
+/** Debug capture: bodies and headers of each exchange of a route, logged (`http.log.capture`). */
+const captureObject = z.strictObject({
+  /** Bytes of each body kept (request and response); the rest is counted, not logged. Default `64KiB`. */
+  max_body: size.default(64 * 1024),
+});
+const capture = z.union([
+  z.boolean().transform((on) => (on ? { max_body: 64 * 1024 } : undefined)),
+  captureObject,
+]);
+export type CaptureConfig = z.output<typeof captureObject>;
+
 const routePath = z.string().refine((p) => p.startsWith('/') && !/[\s?#]/.test(p), 'expected a path prefix starting with "/"');
 
 /** A route: a path prefix inside a site, and where its requests go. */
@@ -176,6 +217,10 @@ const route = z.strictObject({
   timeouts: timeouts.prefault({}),
   /** Largest request body accepted (bytes); 413 above it. Default `100MiB`; `0` means no limit. */
   max_body: size.default(100 * 1024 * 1024),
+  /** Rate limit (token bucket per client); off when absent. */
+  rate_limit: rateLimit.optional(),
+  /** Debug capture of request and response bodies into the log; off when absent. `true` = defaults. */
+  capture: capture.optional(),
 });
 export type RouteConfig = z.output<typeof route>;
 
@@ -260,6 +305,13 @@ const log = z.strictObject({
   access: z.boolean().default(true),
   /** `json` (default) or `pretty` (pino-pretty, for a terminal). */
   format: z.enum(['json', 'pretty']).default('json'),
+  /** File the access log is appended to instead of stdout; reopened on SIGUSR1 (logrotate). Default: stdout. */
+  access_file: z.string().min(1).optional(),
+  /** Log the request headers in each access line (`headers`). Default false. */
+  access_headers: z.boolean().default(false),
+  /** Header names (lowercase) whose values are replaced by `[REDACTED]` in the access log and in
+   * debug captures. Default `[authorization, cookie, set-cookie, proxy-authorization]`. */
+  redact: z.array(z.string().regex(/^[!#$%&'*+\-.^_`|~0-9a-z]+$/, 'expected a lowercase header name')).default(['authorization', 'cookie', 'set-cookie', 'proxy-authorization']),
 });
 
 /** The whole config file. */
@@ -269,11 +321,28 @@ export const configSchema = z.strictObject({
     http: listenAddress.nullable().default({ host: undefined, port: 80 }),
     /** HTTPS listener (TLS, HTTP/2 and HTTP/1.1 by ALPN). Default 443; `null` turns it off. */
     https: listenAddress.nullable().default({ host: undefined, port: 443 }),
-    /** Admin and metrics listener; off when absent. Keep it on loopback. */
+    /** Admin API and metrics listener (`/metrics`, `/status`, `POST /reload`); off when absent. A bare
+     * port binds 127.0.0.1 only: the admin API is for the machine itself. */
     admin: listenAddress.optional(),
   }).prefault({}),
   /** Time in-flight requests get to finish on SIGTERM/SIGINT before connections are closed (ms). Default `10s`. */
   grace_period: duration.default(10_000),
+  /** The admin API on `listen.admin`. */
+  admin: z.strictObject({
+    /** Bearer token every admin request must carry (`Authorization: Bearer TOKEN`). Default: none
+     * (anyone who can reach `listen.admin` may use it; keep it on loopback). */
+    token: z.string().min(16, 'use a token of at least 16 characters').optional(),
+  }).prefault({}),
+  /** Config reloads besides SIGHUP and `POST /reload`. */
+  reload: z.strictObject({
+    /** Reload when the config file changes. Default false. */
+    watch: z.boolean().default(false),
+    /** Wait after the last change before reloading, so an editor's several writes give one reload (ms). Default `500ms`. */
+    debounce: duration.default(500),
+  }).prefault({}),
+  /** Peers (IPs or CIDRs, e.g. `10.0.0.0/8`, `::1`) whose `X-Forwarded-For` is believed when finding
+   * the client IP for rate limits and logs. Default `[]`: the TCP peer is the client. */
+  trusted_proxies: z.array(cidr).default([]),
   tls: tls.prefault({}),
   log: log.prefault({}),
   sites: z.array(site).default([]),
