@@ -122,7 +122,24 @@ wrk_run() {  # wrk_run URL [WRK ARGS...]: warm-up, then the measured run.
   load wrk -t1 -c"$WRK_CONNECTIONS" -d"${DURATION}s" "$@" "$url" 2>&1 | parse wrk
 }
 
-h2load_run() {  # h2load_run TLS_PORT PATH: 16 connections x 16 streams, warm-up included.
-  load h2load -c16 -m16 -D "$DURATION" --warm-up-time="$WARMUP" \
-    --connect-to="127.0.0.1:$1" "https://bench.localhost:$1$2" 2>&1 | parse h2load
+# h2load_run TLS_PORT PATH [H2LOAD ARGS...]: warm-up included. The URL names bench.localhost, so
+# SNI and :authority/Host are right, and --connect-to sends it to 127.0.0.1. (wrk would send the
+# IP as SNI, which a server may rightly answer with 421 Misdirected Request.)
+h2load_run() {
+  local port=$1 path=$2; shift 2
+  load h2load -D "$DURATION" --warm-up-time="$WARMUP" "$@" \
+    --connect-to="127.0.0.1:$port" "https://bench.localhost:$port$path" 2>&1 | parse h2load
+}
+
+# cpu_ticks CPU: "busy total" jiffies of one CPU from /proc/stat (empty when unavailable).
+cpu_ticks() {
+  awk -v cpu="cpu$1" '$1 == cpu { total = 0; for (i = 2; i <= NF; i++) total += $i; print total - $5 - $6, total }' \
+    /proc/stat 2>/dev/null
+}
+
+# cpu_busy BEFORE AFTER: percent busy between two cpu_ticks snapshots ("?" when unknown).
+cpu_busy() {
+  local b0 t0 b1 t1
+  read -r b0 t0 <<< "$1"; read -r b1 t1 <<< "$2"
+  if [ -n "$t0" ] && [ -n "$t1" ] && [ "$t1" -gt "$t0" ]; then echo $(( 100 * (b1 - b0) / (t1 - t0) )); else echo '?'; fi
 }

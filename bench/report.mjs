@@ -12,11 +12,13 @@ const targets = targetArg.split(',').filter(Boolean);
 const TARGET_NAMES = { direct: 'Direct backend', gatehouse: 'Gatehouse', nginx: 'nginx', caddy: 'Caddy', haproxy: 'HAProxy' };
 const meta = {};
 const results = new Map(); // "target scenario" -> result object
+const cpu = new Map(); // "target scenario" -> [load CPU %, proxy CPU %]
 
 for (const line of readFileSync(file, 'utf8').split('\n')) {
   if (!line) continue;
   const fields = line.split('\t');
   if (fields[0] === '#meta') meta[fields[1]] = fields[2];
+  else if (fields[0] === '#cpu') cpu.set(`${fields[1]} ${fields[2]}`, [fields[3], fields[4]]);
   else if (fields[0].startsWith('#')) continue;
   else {
     let result;
@@ -74,6 +76,18 @@ for (const scenario of scenarios) {
 out.push('');
 out.push('Ratios in parentheses: that column ÷ Gatehouse (throughput: above 1 means faster than Gatehouse; ' +
   'latency: p99 ratio, below 1 means lower latency than Gatehouse). Only ratios from one run are comparable.');
+if (cpu.size > 0) {
+  out.push('');
+  out.push('CPU busy during each measurement, load CPU / proxy CPU (%). A proxy well below 100% was not the');
+  out.push('bottleneck: the load generator or the backend on the other CPU was, so that figure is a floor.');
+  out.push('');
+  out.push(`| Scenario | ${targets.map((t) => TARGET_NAMES[t] ?? t).join(' | ')} |`);
+  out.push(`|---|${targets.map(() => '---:').join('|')}|`);
+  for (const scenario of scenarios) {
+    const cells = targets.map((t) => { const c = cpu.get(`${t} ${scenario}`); return c ? `${c[0]} / ${c[1]}` : '–'; });
+    out.push(`| ${scenario} | ${cells.join(' | ')} |`);
+  }
+}
 if (notes.length > 0) {
   out.push('');
   notes.forEach((note, i) => out.push(`[${i + 1}] ${note}`));

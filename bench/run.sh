@@ -131,8 +131,8 @@ run_scenario() {  # run_scenario SCENARIO: prints one JSON result line.
   case $1 in
     h1)       wrk_run "http://127.0.0.1:$TARGET_PLAIN/1k" ;;
     h1-256k)  wrk_run "http://127.0.0.1:$TARGET_PLAIN/256k" ;;
-    h1-tls)   wrk_run "https://127.0.0.1:$TARGET_TLS/1k" -H "Host: bench.localhost" ;;
-    h2)       h2load_run "$TARGET_TLS" /1k ;;
+    h1-tls)   h2load_run "$TARGET_TLS" /1k --h1 -c"$WRK_CONNECTIONS" -m1 ;;
+    h2)       h2load_run "$TARGET_TLS" /1k -c16 -m16 ;;
     tls-new)  load node "$BENCH_DIR/tls-handshakes.mjs" 127.0.0.1 "$TARGET_TLS" /1k "$DURATION" "$WARMUP" ;;
     ws)       local ws_url="ws://127.0.0.1:$TARGET_PLAIN/ws"
               [ "$TARGET_NAME" = direct ] && ws_url="ws://127.0.0.1:$WS_PORT/ws"
@@ -165,9 +165,13 @@ for TARGET_NAME in "${target_list[@]}"; do
       continue
     fi
     log "$TARGET_NAME: $scenario"
+    load_before=$(cpu_ticks "$CPU_LOAD"); proxy_before=$(cpu_ticks "$CPU_PROXY")
     line=$(run_scenario "$scenario" | tail -n 1)
     [ -n "$line" ] || line='{"value":null,"error":"the load generator printed nothing"}'
     record "$TARGET_NAME" "$scenario" "$line"
+    # How busy each CPU was (warm-up included): which side was the bottleneck.
+    printf '#cpu\t%s\t%s\t%s\t%s\n' "$TARGET_NAME" "$scenario" \
+      "$(cpu_busy "$load_before" "$(cpu_ticks "$CPU_LOAD")")" "$(cpu_busy "$proxy_before" "$(cpu_ticks "$CPU_PROXY")")" >> "$RESULTS"
   done
   [ -n "$TARGET_PID" ] && stop "$TARGET_PID"
 done
