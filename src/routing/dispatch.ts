@@ -43,6 +43,13 @@ export interface DispatchContext {
   readonly onComplete: (record: AccessRecord) => void;
   /** Whether HTTP/1.1 answers should close their connection (draining). */
   readonly draining: () => boolean;
+  /**
+   * Route middleware (rate limit, debug capture): runs once a route matched, before an upstream is
+   * chosen. Returns 0 to go on, or the status of the answer it sent itself (e.g. 429).
+   */
+  readonly beforeForward?: (req: ClientRequest, res: ClientResponse, site: SiteRuntime, route: RouteRuntime) => number;
+  /** Called when an upgrade request was routed, before the tunnel opens (tunnels are tracked per route). */
+  readonly onTunnel?: (socket: Duplex, site: SiteRuntime, route: RouteRuntime) => void;
 }
 
 /** One finished exchange, for the access log. */
@@ -98,6 +105,15 @@ export function dispatchRequest(
   const matched = router.routeFor(routed, url);
   if (matched === undefined) return reject(req, res, ctx, startedAt, host, site, ROUTING_FAILURES.noRoute);
   const route = matched.route;
+  if (ctx.beforeForward !== undefined) {
+    const answered = ctx.beforeForward(req, res, site, route);
+    if (answered !== 0) {
+      return ctx.onComplete({
+        req, startedAt, protocol: ctx.protocol, host, site, route,
+        status: answered, bytesIn: 0, bytesOut: 0, upstream: undefined, error: undefined, requestId: undefined,
+      });
+    }
+  }
   const upstream = selectUpstream(route, req, res);
   if (upstream === undefined) return reject(req, res, ctx, startedAt, host, site, FAILURES.noUpstream);
   if (ctx.protocol === 'https' && site.hsts !== undefined) res.setHeader('strict-transport-security', site.hsts);
@@ -148,6 +164,7 @@ export function dispatchUpgrade(req: IncomingMessage, socket: Duplex, head: Buff
     return;
   }
   const url = req.url ?? '/';
+  ctx.onTunnel?.(socket, routed!.site, route);
   proxyUpgrade(req, socket, head, {
     upstream,
     path: route.strip === '' ? url : stripPrefix(url, route.strip),
