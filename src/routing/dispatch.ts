@@ -49,7 +49,7 @@ export interface DispatchContext {
    */
   readonly beforeForward?: (req: ClientRequest, res: ClientResponse, site: SiteRuntime, route: RouteRuntime) => number;
   /** Called when an upgrade request was routed, before the tunnel opens (tunnels are tracked per route). */
-  readonly onTunnel?: (socket: Duplex, site: SiteRuntime, route: RouteRuntime) => void;
+  readonly onTunnel?: (req: IncomingMessage, socket: Duplex, route: RouteRuntime) => void;
 }
 
 /** One finished exchange, for the access log. */
@@ -164,7 +164,7 @@ export function dispatchUpgrade(req: IncomingMessage, socket: Duplex, head: Buff
     return;
   }
   const url = req.url ?? '/';
-  ctx.onTunnel?.(socket, routed!.site, route);
+  ctx.onTunnel?.(req, socket, route);
   proxyUpgrade(req, socket, head, {
     upstream,
     path: route.strip === '' ? url : stripPrefix(url, route.strip),
