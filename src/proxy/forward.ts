@@ -8,15 +8,31 @@
  * parses headers into objects) and the outcome handed to the access log. Client-side events reach
  * it through module-level functions and a symbol on the response, so no closure is allocated per
  * request.
+ *
+ * Retries (when the target carries the route's `UpstreamGroup`): an attempt that fails before any
+ * response byte arrived is reported to the upstream's circuit breaker, `upstream/retry.ts` decides
+ * whether the request may be sent again, and if so the same exchange is dispatched to another
+ * upstream (chosen with the tried ones excluded). What decides: whether undici called `onConnect`
+ * (the request head is about to be written, so "bytes were sent") and how many body bytes
+ * `onBodySent` saw. A request with a body is sent again only when it never reached a connection
+ * (the body stream is untouched); bodies are not buffered for replay, so a PUT with a body that hit
+ * a stale connection is not retried. A POST that reached an upstream is never sent twice. The
+ * common path — first attempt succeeds — allocates nothing for this.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { constants as http2Constants, type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
 import { Readable } from 'node:stream';
 import type { Dispatcher } from 'undici';
 import type { TimeoutsConfig } from '../config/schema.js';
+import type { SelectionContext } from '../upstream/balancer.js';
+import type { UpstreamGroup } from '../upstream/group.js';
 import type { Upstream } from '../upstream/pool.js';
+import { retryVerdict } from '../upstream/retry.js';
 import { classifyUpstreamError, errorBody, FAILURES, ProxyAbortError, type ProxyFailure } from './errors.js';
-import { newRequestHeadFacts, toClientResponseHeaders, toClientTrailers, toUpstreamRequestHeaders, type RequestHeadFacts } from './headers.js';
+import {
+  newRequestHeadFacts, toClientResponseHeaders, toClientTrailers, toUpstreamRequestHeaders,
+  type ClientResponseHeaders, type RequestHeadFacts,
+} from './headers.js';
 
 /** A client request: `http.IncomingMessage` (HTTP/1.x, TLS or plain) or `http2.Http2ServerRequest`. */
 export type ClientRequest = IncomingMessage | Http2ServerRequest;
@@ -25,8 +41,28 @@ export type ClientResponse = ServerResponse | Http2ServerResponse;
 
 /** What `forward` needs besides the request and response; built by the router per request. */
 export interface ForwardTarget {
-  /** The upstream chosen by the balancer; `forward` increments/decrements its `inFlight`. */
+  /**
+   * The upstream chosen by the balancer (with `group.choose`, which took its breaker's permission
+   * when `group` is given); `forward` increments/decrements its `inFlight`.
+   */
   readonly upstream: Upstream;
+  /**
+   * The route's upstreams. When given, every attempt's outcome is reported to the upstream's
+   * circuit breaker, and a failed attempt is retried on another upstream within `group.retries`
+   * (see the file comment). When absent: one attempt, no breaker.
+   */
+  readonly group?: UpstreamGroup;
+  /**
+   * A `Set-Cookie` value to add to the response (the `cookie` policy's sticky cookie), next to any
+   * the upstream sends. A retry that moves the client to another upstream replaces it.
+   */
+  readonly setCookie?: string;
+  /**
+   * Extra response fields, `[name, value, name, value, ...]` with lower-case names (e.g. the site's
+   * `strict-transport-security`). Each replaces the upstream's field of the same name; written
+   * only on responses relayed from an upstream, not on the proxy's own error answers.
+   */
+  readonly responseHeaders?: readonly string[];
   /**
    * The request target sent upstream: path and query, starting with `/` (RFC 9112 §3.2.1
    * origin-form). The router strips the route prefix before (`strip_prefix`), e.g. `/api/users?id=1`
@@ -101,19 +137,24 @@ export function forward(req: ClientRequest, res: ClientResponse, target: Forward
  * e.g. 503 when the balancer found no available upstream. Never throws.
  *
  * @param close add `Connection: close` (HTTP/1.x only), for answers sent before the body was read.
+ * @param retryAfterMs add `Retry-After` (RFC 9110 §10.2.3) in whole seconds, rounded up (at least 1),
+ *   e.g. from `UpstreamGroup.retryAfterMs()` on a 503. None when undefined.
  */
-export function sendProxyError(res: ClientResponse, failure: ProxyFailure, requestId = '', close = false): void {
+export function sendProxyError(res: ClientResponse, failure: ProxyFailure, requestId = '', close = false, retryAfterMs?: number): void {
   if (res.headersSent || res.writableEnded || res.destroyed) return;
   const body = errorBody(failure);
   const length = String(Buffer.byteLength(body));
+  const retryAfter = retryAfterMs === undefined ? undefined : String(Math.max(1, Math.ceil(retryAfterMs / 1000)));
   try {
     if (isHttp2Response(res)) {
       const headers: Record<string, string> = { 'content-type': 'text/plain; charset=utf-8', 'content-length': length };
       if (requestId !== '') headers['x-request-id'] = requestId;
+      if (retryAfter !== undefined) headers['retry-after'] = retryAfter;
       res.writeHead(failure.status, headers);
     } else {
       const headers = ['Content-Type', 'text/plain; charset=utf-8', 'Content-Length', length];
       if (requestId !== '') headers.push('X-Request-Id', requestId);
+      if (retryAfter !== undefined) headers.push('Retry-After', retryAfter);
       if (close) headers.push('Connection', 'close');
       res.writeHead(failure.status, headers);
     }
@@ -135,7 +176,8 @@ class ProxyExchange implements ForwardOutcome {
   bytesIn = 0;
   bytesOut = 0;
   error: string | undefined = undefined;
-  readonly upstream: string;
+  /** Origin of the upstream of the current (last) attempt. */
+  upstream: string;
   requestId = '';
   host = '';
 
@@ -149,13 +191,33 @@ class ProxyExchange implements ForwardOutcome {
   private clientGone = false;
   private drainListening = false;
   private bodyTooLarge = false;
+  /** The upstream of the current attempt. */
+  private current: Upstream;
+  /** The dispatch options, kept for a retry. */
+  private options: Dispatcher.DispatchOptions | null = null;
+  private body: Readable | null = null;
+  /** undici called onConnect for the current attempt: the request head is being written. */
+  private connected = false;
+  /** undici called onHeaders for the current attempt: response bytes arrived. */
+  private responded = false;
+  /** Attempts made, including the current one. */
+  private attempts = 1;
+  /** performance.now() when the first and the current attempt were dispatched. */
+  private startedAt = 0;
+  private attemptAt = 0;
+  /** Upstreams already tried; allocated on the first retry. */
+  private tried: Upstream[] | undefined = undefined;
+  /** The sticky cookie to set; a retry may replace the target's. */
+  private setCookie: string | undefined;
 
   constructor(
     private readonly req: ClientRequest,
     private readonly res: ClientResponse,
     private readonly target: ForwardTarget,
   ) {
+    this.current = target.upstream;
     this.upstream = target.upstream.origin;
+    this.setCookie = target.setCookie;
     this.http2 = req.httpVersionMajor === 2;
     this.maxBody = target.maxBody ?? 0;
   }
@@ -166,7 +228,7 @@ class ProxyExchange implements ForwardOutcome {
     const headers = toUpstreamRequestHeaders(req.rawHeaders, req.httpVersion, target, facts);
     this.requestId = facts.requestId;
     this.host = facts.host;
-    target.upstream.inFlight++;
+    this.current.inFlight++;
 
     (res as ExchangeCarrier)[kExchange] = this;
     res.on('close', onClientClose);
@@ -195,9 +257,18 @@ class ProxyExchange implements ForwardOutcome {
     };
     if (timeouts?.response_header !== undefined) options.headersTimeout = timeouts.response_header;
     if (timeouts?.body_idle !== undefined) options.bodyTimeout = timeouts.body_idle;
+    this.options = options;
+    this.body = body;
+    this.startedAt = performance.now();
+    this.send();
+  }
+
+  /** Dispatches the current attempt on the current upstream's pool. */
+  send(): void {
+    this.attemptAt = performance.now();
     try {
       // undici's types declare onBodySent(chunkSize); undici 7 calls it with the chunk itself.
-      target.upstream.pool.dispatch(options, this as unknown as Dispatcher.DispatchHandler);
+      this.current.pool.dispatch(this.options!, this as unknown as Dispatcher.DispatchHandler);
     } catch (error) {
       // dispatch reports through onError; this only guards against a throwing handler.
       this.onError(error as Error);
@@ -208,6 +279,7 @@ class ProxyExchange implements ForwardOutcome {
 
   onConnect(abort: (error?: Error) => void): void {
     this.abortUpstream = abort;
+    this.connected = true;
     if (this.clientGone) abort(new ProxyAbortError(FAILURES.clientAborted));
   }
 
@@ -220,10 +292,14 @@ class ProxyExchange implements ForwardOutcome {
   }
 
   onHeaders(statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
+    this.responded = true;
     if (statusCode < 200) return true; // 1xx: Node answered 100-continue itself; others are dropped
     this.resumeUpstream = resume;
+    this.target.group?.reportResponse(this.current, statusCode, performance.now() - this.attemptAt);
     if (this.clientGone) return true;
     const headers = toClientResponseHeaders(rawHeaders, this.http2, this.requestId);
+    const extra = this.target.responseHeaders;
+    if (this.setCookie !== undefined || extra !== undefined) addResponseHeaders(headers, this.http2, this.setCookie, extra);
     try {
       (this.res as ServerResponse).writeHead(statusCode, headers as string[]);
     } catch {
@@ -263,6 +339,15 @@ class ProxyExchange implements ForwardOutcome {
 
   onError(error: Error): void {
     if (this.finished) return;
+    const group = this.target.group;
+    if (group !== undefined) {
+      if (this.clientGone || this.bodyTooLarge) {
+        group.release(this.current);
+      } else {
+        group.reportFailure(this.current, error);
+        if (!this.responded && this.retry(error, group)) return;
+      }
+    }
     this.finished = true;
     const failure = this.bodyTooLarge ? FAILURES.bodyTooLarge : classifyUpstreamError(error);
     if (this.clientGone) {
@@ -293,8 +378,65 @@ class ProxyExchange implements ForwardOutcome {
     if (!this.finished && this.resumeUpstream !== null) this.resumeUpstream();
   }
 
+  /**
+   * After a failed attempt: when `upstream/retry.ts` allows it and another upstream (or the same
+   * one, on a single-upstream route) can be chosen, move to it and dispatch again on the next tick
+   * (not from inside undici's error handling, which may still be failing the pool's queue).
+   * @returns true when an attempt was scheduled.
+   */
+  private retry(error: Error, group: UpstreamGroup): boolean {
+    const body = this.body;
+    // A body undici started reading cannot be sent again (it is not buffered).
+    if (body !== null && (body.readableDidRead || body.destroyed)) return false;
+    const verdict = retryVerdict({
+      method: this.req.method ?? 'GET',
+      attempt: this.attempts,
+      startedAt: this.startedAt,
+      now: performance.now(),
+      error,
+      requestBodyReplayable: body === null,
+      bytesSent: this.connected ? this.bytesIn + 1 : 0,
+      responseStarted: this.responded,
+    }, group.retries);
+    if (!verdict.startsWith('retry_')) return false;
+    let tried = this.tried;
+    if (tried === undefined) tried = this.tried = [];
+    tried.push(this.current);
+    const selection = retrySelection;
+    selection.clientIp = this.target.clientIp;
+    const cookie = this.req.headers.cookie;
+    selection.cookieHeader = typeof cookie === 'string' ? cookie : undefined;
+    selection.exclude = tried;
+    selection.setCookie = undefined;
+    const next = group.choose(selection);
+    selection.exclude = undefined;
+    if (next === undefined) return false;
+    if (selection.setCookie !== undefined) this.setCookie = selection.setCookie;
+    this.current.inFlight--;
+    next.inFlight++;
+    this.current = next;
+    this.upstream = next.origin;
+    this.attempts++;
+    this.connected = false;
+    this.bytesIn = 0;
+    this.abortUpstream = null;
+    this.resumeUpstream = null;
+    process.nextTick(sendAgain, this);
+    return true;
+  }
+
+  /** The client left between two attempts: end as aborted, giving back the breaker's permission. */
+  abandon(): void {
+    this.onError(new ProxyAbortError(FAILURES.clientAborted));
+  }
+
+  isClientGone(): boolean {
+    return this.clientGone;
+  }
+
   /** Fails before dispatching (e.g. 413 on Content-Length). */
   private fail(failure: ProxyFailure): void {
+    this.target.group?.release(this.current);
     this.finished = true;
     this.error = failure.code;
     this.status = failure.status;
@@ -303,7 +445,7 @@ class ProxyExchange implements ForwardOutcome {
   }
 
   private done(): void {
-    this.target.upstream.inFlight--;
+    this.current.inFlight--;
     const onDone = this.target.onDone;
     if (onDone !== undefined) {
       try {
@@ -312,6 +454,46 @@ class ProxyExchange implements ForwardOutcome {
         // A failing access log must not break the proxy.
       }
     }
+  }
+}
+
+/** Reused by every retry: `choose` is synchronous and keeps no reference to it. */
+const retrySelection: SelectionContext = { clientIp: '', cookieHeader: undefined, exclude: undefined, setCookie: undefined };
+
+function sendAgain(exchange: ProxyExchange): void {
+  if (exchange.isClientGone()) exchange.abandon();
+  else exchange.send();
+}
+
+/**
+ * Adds the target's extra response fields to the upstream's (as translated by
+ * `toClientResponseHeaders`): `setCookie` next to the upstream's own `Set-Cookie` fields, every
+ * other field replacing the upstream's field of the same name.
+ */
+function addResponseHeaders(headers: ClientResponseHeaders, http2: boolean, setCookie: string | undefined, extra: readonly string[] | undefined): void {
+  if (!http2) {
+    const list = headers as string[];
+    if (extra !== undefined) {
+      for (let i = 0; i < extra.length; i += 2) {
+        const name = extra[i]!;
+        for (let j = list.length - 2; j >= 0; j -= 2) {
+          if (list[j]!.length === name.length && list[j]!.toLowerCase() === name) list.splice(j, 2);
+        }
+        list.push(name, extra[i + 1]!);
+      }
+    }
+    if (setCookie !== undefined) list.push('set-cookie', setCookie);
+    return;
+  }
+  const object = headers as Record<string, string | string[]>;
+  if (extra !== undefined) {
+    for (let i = 0; i < extra.length; i += 2) object[extra[i]!] = extra[i + 1]!;
+  }
+  if (setCookie !== undefined) {
+    const existing = object['set-cookie'];
+    if (existing === undefined) object['set-cookie'] = setCookie;
+    else if (Array.isArray(existing)) existing.push(setCookie);
+    else object['set-cookie'] = [existing, setCookie];
   }
 }
 

@@ -114,13 +114,16 @@ export function dispatchRequest(
       });
     }
   }
-  const upstream = selectUpstream(route, req, res);
-  if (upstream === undefined) return reject(req, res, ctx, startedAt, host, site, FAILURES.noUpstream);
-  if (ctx.protocol === 'https' && site.hsts !== undefined) res.setHeader('strict-transport-security', site.hsts);
+  const group = route.group;
+  const upstream = selectUpstream(route, req);
+  if (upstream === undefined) return reject(req, res, ctx, startedAt, host, site, FAILURES.noUpstream, group.retryAfterMs());
   if (ctx.draining() && req.httpVersionMajor === 1) (res as { shouldKeepAlive?: boolean }).shouldKeepAlive = false;
 
   forward(req, res, {
     upstream,
+    group,
+    setCookie: selection.setCookie,
+    responseHeaders: ctx.protocol === 'https' ? site.httpsResponseHeaders : undefined,
     path: route.strip === '' ? url : stripPrefix(url, route.strip),
     maxBody: route.config.max_body,
     clientIp: req.socket.remoteAddress ?? '',
@@ -150,8 +153,10 @@ export function dispatchUpgrade(req: IncomingMessage, socket: Duplex, head: Buff
     route = runtime.router.routeFor(routed, req.url ?? '/')?.route;
     if (route === undefined) failure = ROUTING_FAILURES.noRoute;
     else {
-      upstream = selectUpstream(route, req, undefined);
+      upstream = selectUpstream(route, req);
       if (upstream === undefined) failure = FAILURES.noUpstream;
+      // A tunnel's outcome is not reported to the breaker: it never serves as a half-open trial.
+      else route.group.release(upstream);
     }
   }
   if (failure !== undefined || route === undefined || upstream === undefined) {
@@ -180,17 +185,18 @@ export function dispatchUpgrade(req: IncomingMessage, socket: Duplex, head: Buff
 
 const selection: SelectionContext = { clientIp: '', cookieHeader: undefined, exclude: undefined, setCookie: undefined };
 
-/** Ask the route's balancer; adds the sticky cookie to the response when the policy sets one. */
-function selectUpstream(route: RouteRuntime, req: ClientRequest, res: ClientResponse | undefined): Upstream | undefined {
-  // One reused context: select() is synchronous and keeps no reference to it.
+/**
+ * Ask the route's upstream group (breakers, then the policy); the sticky cookie the `cookie` policy
+ * wants set is left in `selection.setCookie` until the next call.
+ */
+function selectUpstream(route: RouteRuntime, req: ClientRequest): Upstream | undefined {
+  // One reused context: choose() is synchronous and keeps no reference to it.
   selection.clientIp = req.socket?.remoteAddress ?? '';
   const cookie = req.headers.cookie;
   selection.cookieHeader = typeof cookie === 'string' ? cookie : undefined;
   selection.exclude = undefined;
   selection.setCookie = undefined;
-  const upstream = route.selector.select(route.upstreams, selection) as Upstream | undefined;
-  if (selection.setCookie !== undefined && res !== undefined) res.setHeader('set-cookie', selection.setCookie);
-  return upstream;
+  return route.group.choose(selection);
 }
 
 /** `/api/users?x` with prefix `/api` → `/users?x`; `/api` → `/`. */
@@ -199,11 +205,14 @@ export function stripPrefix(url: string, prefix: string): string {
   return rest.length === 0 || rest.charCodeAt(0) === 63 /* ? */ ? `/${rest}` : rest;
 }
 
-function reject(req: ClientRequest, res: ClientResponse, ctx: DispatchContext, startedAt: number, host: string, site: SiteRuntime | undefined, failure: ProxyFailure): void {
+function reject(
+  req: ClientRequest, res: ClientResponse, ctx: DispatchContext, startedAt: number, host: string,
+  site: SiteRuntime | undefined, failure: ProxyFailure, retryAfterMs?: number,
+): void {
   // The body was not read: HTTP/1.1 must not reuse a connection with an unread body (RFC 9112 §9.3).
   const length = req.headers['content-length'];
   const close = req.httpVersionMajor === 1 && ((length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined);
-  sendProxyError(res, failure, '', close);
+  sendProxyError(res, failure, '', close, retryAfterMs);
   ctx.onComplete({
     req, startedAt, protocol: ctx.protocol, host, site, route: undefined,
     status: failure.status, bytesIn: 0, bytesOut: 0, upstream: undefined, error: failure.code, requestId: undefined,

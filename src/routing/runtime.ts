@@ -1,11 +1,13 @@
 /**
- * The runtime form of a config's sites: routes with their upstream pools, balancers and health
- * checkers, behind the {@link Router}. Built whole before it serves (so a reload that fails to
- * build leaves the old one serving) and closed when replaced.
+ * The runtime form of a config's sites: routes with their upstream pools, balancers, circuit
+ * breakers and health checkers (one `UpstreamGroup` per route), behind the {@link Router}. Built
+ * whole before it serves (so a reload that fails to build leaves the old one serving) and closed
+ * when replaced.
  */
 import type { RouteConfig, SiteConfig } from '../config/schema.js';
-import { createSelector, type Selector } from '../upstream/balancer.js';
-import { HealthChecker } from '../upstream/health.js';
+import type { Selector } from '../upstream/balancer.js';
+import type { Clock } from '../upstream/clock.js';
+import { UpstreamGroup, type UpstreamSnapshot } from '../upstream/group.js';
 import { Upstream } from '../upstream/pool.js';
 import { Router } from './router.js';
 
@@ -16,6 +18,20 @@ export interface RouteRuntime {
   readonly strip: string;
   readonly upstreams: readonly Upstream[];
   readonly selector: Selector;
+  /** Policy, breakers, health checks and retry budget of the route's upstreams. */
+  readonly group: UpstreamGroup;
+}
+
+/** The upstreams of one route, as {@link Runtime.upstreamStates} reports them. */
+export interface RouteUpstreamStates {
+  /** The site's hosts. */
+  readonly hosts: readonly string[];
+  /** The route's path prefix. */
+  readonly path: string;
+  /** The route's balancing policy. */
+  readonly policy: string;
+  /** One snapshot per upstream, in config order. */
+  readonly upstreams: UpstreamSnapshot[];
 }
 
 /** A site ready to serve. */
@@ -25,6 +41,11 @@ export interface SiteRuntime {
   readonly routes: readonly { readonly path: string; readonly route: RouteRuntime }[];
   /** `Strict-Transport-Security` value for HTTPS answers, when the site sets `hsts`. */
   readonly hsts: string | undefined;
+  /**
+   * Fields added to every proxied HTTPS answer (`ForwardTarget.responseHeaders`): the site's
+   * `strict-transport-security`; undefined when there are none.
+   */
+  readonly httpsResponseHeaders: readonly string[] | undefined;
 }
 
 /** What the listeners route with. */
@@ -33,44 +54,62 @@ export interface Runtime {
   readonly sites: readonly SiteRuntime[];
   /** Every upstream of every route (for /status, metrics and shutdown). */
   readonly upstreams: readonly Upstream[];
+  /**
+   * The state of every route's upstreams now (health, availability, in-flight requests, passive
+   * failures, breaker state, last check and last error), for the admin API and metrics.
+   */
+  upstreamStates(): RouteUpstreamStates[];
   /** Start background work (health checks). */
   start(): void;
   /** Stop background work and close the upstream pools once their requests finished. */
   close(): Promise<void>;
 }
 
-/** Logger calls the runtime makes (a pino child logger `upstream` fits). */
+/**
+ * Logger calls the runtime makes (a pino logger fits). State changes go to the sub-loggers
+ * `upstream.health` and `upstream.breaker` when the logger can make children.
+ */
 export interface RuntimeLogger {
   info(fields: object, message: string): void;
   warn(fields: object, message: string): void;
+  child?(bindings: { logger: string }): RuntimeLogger;
+}
+
+/** Options of {@link buildRuntime}. */
+export interface RuntimeOptions {
+  /** Clock of every circuit breaker. Default: monotonic. Tests pass a `ManualClock`. */
+  readonly clock?: Clock;
 }
 
 /**
  * Build the runtime of `sites`.
  * @throws {Error} when an upstream URL or balancing policy cannot be built (validated configs do not).
  */
-export function buildRuntime(sites: readonly SiteConfig[], logger: RuntimeLogger): Runtime {
+export function buildRuntime(sites: readonly SiteConfig[], logger: RuntimeLogger, options: RuntimeOptions = {}): Runtime {
+  const healthLogger = logger.child?.({ logger: 'upstream.health' }) ?? logger;
+  const breakerLogger = logger.child?.({ logger: 'upstream.breaker' }) ?? logger;
   const upstreams: Upstream[] = [];
-  const checkers: HealthChecker<Upstream>[] = [];
+  const groups: UpstreamGroup[] = [];
   const siteRuntimes: SiteRuntime[] = sites.map((site) => ({
     config: site,
     hosts: site.hosts,
     hsts: site.hsts ? hstsValue(site.hsts) : undefined,
+    httpsResponseHeaders: site.hsts ? Object.freeze(['strict-transport-security', hstsValue(site.hsts)]) : undefined,
     routes: site.routes.map((config) => {
       const routeUpstreams = config.upstreams.map((u) => new Upstream(u.url, { weight: u.weight, timeouts: config.timeouts }));
       upstreams.push(...routeUpstreams);
-      if (config.health_check) {
-        checkers.push(new HealthChecker(routeUpstreams, config.health_check, {
-          onChange: (upstream, state, reason) => {
-            logger[state.healthy ? 'info' : 'warn']({ upstream: upstream.origin, healthy: state.healthy, reason }, state.healthy ? 'upstream healthy' : 'upstream unhealthy');
-          },
-        }));
-      }
+      const group = new UpstreamGroup(routeUpstreams, config, {
+        clock: options.clock,
+        healthLogger,
+        breakerLogger,
+      });
+      groups.push(group);
       const route: RouteRuntime = {
         config,
         strip: config.strip_prefix ? config.path.replace(/\/$/, '') : '',
         upstreams: routeUpstreams,
-        selector: createSelector(config.load_balancing, { cookieName: config.cookie_name }),
+        selector: group.selector,
+        group,
       };
       return { path: config.path, route };
     }),
@@ -79,11 +118,20 @@ export function buildRuntime(sites: readonly SiteConfig[], logger: RuntimeLogger
     router: new Router<SiteRuntime, RouteRuntime>(siteRuntimes),
     sites: siteRuntimes,
     upstreams,
+    upstreamStates() {
+      const states: RouteUpstreamStates[] = [];
+      for (const site of siteRuntimes) {
+        for (const { path, route } of site.routes) {
+          states.push({ hosts: site.hosts, path, policy: route.config.load_balancing, upstreams: route.group.snapshot() });
+        }
+      }
+      return states;
+    },
     start() {
-      for (const checker of checkers) checker.start();
+      for (const group of groups) group.start();
     },
     async close() {
-      await Promise.allSettled(checkers.map((checker) => checker.stop()));
+      await Promise.allSettled(groups.map((group) => group.stop()));
       await Promise.allSettled(upstreams.map((u) => u.close()));
     },
   };
