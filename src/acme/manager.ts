@@ -151,6 +151,7 @@ export class AcmeIssuer implements CertificateSource {
   #timer: NodeJS.Timeout | undefined;
   #running = false;
   #orders = 0;
+  #failures = 0;
   #warnedNoOnDemand = false;
 
   /**
@@ -233,6 +234,11 @@ export class AcmeIssuer implements CertificateSource {
   /** Orders this instance has created (RFC 8555 §7.4 `newOrder`), for /status and tests. */
   get orderCount(): number {
     return this.#orders;
+  }
+
+  /** Failed attempts to obtain or renew a certificate (each logged as "could not get certificate"), for metrics. */
+  get failureCount(): number {
+    return this.#failures;
   }
 
   /**
@@ -359,6 +365,7 @@ export class AcmeIssuer implements CertificateSource {
       this.#adopt(name, cert, renew ? 'renewal' : 'order');
       return cert;
     } catch (error) {
+      this.#failures++;
       const failure = this.#backoff.fail(name, error instanceof AcmeError ? error.retryAfterMs : undefined);
       this.#log.obtain.error({
         names: [name],
