@@ -27,7 +27,7 @@ import type { TimeoutsConfig } from '../config/schema.js';
 import type { SelectionContext } from '../upstream/balancer.js';
 import type { UpstreamGroup } from '../upstream/group.js';
 import type { Upstream } from '../upstream/pool.js';
-import { retryVerdict } from '../upstream/retry.js';
+import { retryVerdict, type RetryVerdict } from '../upstream/retry.js';
 import { classifyUpstreamError, errorBody, FAILURES, ProxyAbortError, type ProxyFailure } from './errors.js';
 import {
   newRequestHeadFacts, toClientResponseHeaders, toClientTrailers, toUpstreamRequestHeaders,
@@ -207,6 +207,8 @@ class ProxyExchange implements ForwardOutcome {
   private attemptAt = 0;
   /** Upstreams already tried; allocated on the first retry. */
   private tried: Upstream[] | undefined = undefined;
+  /** A stale-connection reset was already not counted against a breaker for this request. */
+  private staleForgiven = false;
   /** The sticky cookie to set; a retry may replace the target's. */
   private setCookie: string | undefined;
 
@@ -344,8 +346,15 @@ class ProxyExchange implements ForwardOutcome {
       if (this.clientGone || this.bodyTooLarge) {
         group.release(this.current);
       } else {
-        group.reportFailure(this.current, error);
-        if (!this.responded && this.retry(error, group)) return;
+        const verdict = this.responded ? 'no_response_started' : this.retryVerdict(error, group);
+        if (verdict === 'retry_stale_connection' && !this.staleForgiven) {
+          // The keep-alive race is not the upstream's failure; once per request it does not count.
+          this.staleForgiven = true;
+          group.release(this.current);
+        } else {
+          group.reportFailure(this.current, error);
+        }
+        if (verdict.startsWith('retry_') && this.retry(group)) return;
       }
     }
     this.finished = true;
@@ -378,17 +387,12 @@ class ProxyExchange implements ForwardOutcome {
     if (!this.finished && this.resumeUpstream !== null) this.resumeUpstream();
   }
 
-  /**
-   * After a failed attempt: when `upstream/retry.ts` allows it and another upstream (or the same
-   * one, on a single-upstream route) can be chosen, move to it and dispatch again on the next tick
-   * (not from inside undici's error handling, which may still be failing the pool's queue).
-   * @returns true when an attempt was scheduled.
-   */
-  private retry(error: Error, group: UpstreamGroup): boolean {
+  /** May the failed attempt be made again? `upstream/retry.ts` decides from what was sent. */
+  private retryVerdict(error: Error, group: UpstreamGroup): RetryVerdict {
     const body = this.body;
     // A body undici started reading cannot be sent again (it is not buffered).
-    if (body !== null && (body.readableDidRead || body.destroyed)) return false;
-    const verdict = retryVerdict({
+    if (body !== null && (body.readableDidRead || body.destroyed)) return 'no_body_not_replayable';
+    return retryVerdict({
       method: this.req.method ?? 'GET',
       attempt: this.attempts,
       startedAt: this.startedAt,
@@ -398,7 +402,15 @@ class ProxyExchange implements ForwardOutcome {
       bytesSent: this.connected ? this.bytesIn + 1 : 0,
       responseStarted: this.responded,
     }, group.retries);
-    if (!verdict.startsWith('retry_')) return false;
+  }
+
+  /**
+   * Move to another upstream (or the same one, on a single-upstream route) and dispatch again on
+   * the next tick — not from inside undici's error handling, which may still be failing the pool's
+   * queue.
+   * @returns true when an attempt was scheduled; false when no upstream can be chosen.
+   */
+  private retry(group: UpstreamGroup): boolean {
     let tried = this.tried;
     if (tried === undefined) tried = this.tried = [];
     tried.push(this.current);

@@ -22,6 +22,8 @@ export interface CountingUpstream {
   readonly methods: Record<string, number>;
   /** Health checks received. */
   healthChecks: number;
+  /** Body bytes of the last request answered. */
+  lastBodyLength: number;
   /** Stop accepting and destroy every open connection (a crash, as the proxy sees it). */
   kill(): Promise<void>;
   /** Listen again on the same port. */
@@ -44,13 +46,15 @@ export async function startCountingUpstream(name: string, options: { port?: numb
     count: 0,
     methods: {},
     healthChecks: 0,
+    lastBodyLength: 0,
     kill,
     restart,
     close: kill,
   };
 
   function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
-    req.resume();
+    let length = 0;
+    req.on('data', (chunk: Buffer) => { length += chunk.length; });
     req.on('end', () => {
       const url = new URL(req.url ?? '/', 'http://upstream');
       if (url.pathname === '/health') {
@@ -59,6 +63,7 @@ export async function startCountingUpstream(name: string, options: { port?: numb
         return;
       }
       state.count++;
+      state.lastBodyLength = length;
       state.methods[req.method ?? ''] = (state.methods[req.method ?? ''] ?? 0) + 1;
       const answer = (): void => {
         const cookie = url.searchParams.get('cookie');
