@@ -8,7 +8,8 @@
  * gatehouse --from HOST[:PORT] --to URL [--to URL ...] [--internal-certs]
  * gatehouse --version | --help
  * ```
- * Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file.
+ * Signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config file; SIGUSR1 reopens the
+ * access log file (logrotate).
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
@@ -26,7 +27,8 @@ const USAGE = `Usage:
                                        quick mode: one site, no config file (like caddy reverse-proxy)
   gatehouse --version | --help
 
-Signals: SIGTERM/SIGINT finish in-flight requests and exit 0; SIGHUP reloads the config file.`;
+Signals: SIGTERM/SIGINT finish in-flight requests and exit 0; SIGHUP reloads the config file;
+SIGUSR1 reopens the access log file (log.access_file) after logrotate moved it.`;
 
 /** Default config file, relative to the working directory (as DESIGN.md gives it). */
 const DEFAULT_CONFIG_FILE = 'config/gatehouse.yaml';
@@ -117,18 +119,11 @@ async function main(argv: string[]): Promise<number> {
     process.on('SIGTERM', () => stop('SIGTERM'));
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGHUP', () => {
-      if (!configFile || stopping) {
-        logger.warn('SIGHUP ignored: no config file to reload');
-        return;
-      }
-      const file = configFile;
-      loadConfigFile(file).then(
-        (next) => gatehouse.reload(next),
-        (error: unknown) => {
-          logger.error({ err: { message: (error as Error).message, code: (error as ConfigError).code } }, 'reload refused: the old config keeps serving');
-        },
-      ).catch((error: unknown) => logger.error({ err: error }, 'reload failed: the old config keeps serving'));
+      if (stopping) return;
+      void gatehouse.reloadFromFile('SIGHUP');
     });
+    // Node starts its inspector on SIGUSR1 unless a listener is installed: here it reopens the access log.
+    process.on('SIGUSR1', () => gatehouse.reopenLogs());
   });
 }
 

@@ -1,0 +1,293 @@
+/**
+ * Prometheus metrics (prom-client), every name prefixed `gatehouse_`, served by the admin API at
+ * `GET /metrics`.
+ *
+ * The per-request cost is a few additions: each route gets its label children once
+ * (`counter.labels(site, route, class)` is resolved the first time a route answers with a status
+ * class, then kept), so a request never builds a label set or hashes one. Labels are the site's
+ * first host and the route's path prefix — never the raw request path — so the number of series is
+ * bounded by the config. Gauges that mirror state (upstreams, certificates, ACME, tunnels) are
+ * computed when scraped, not kept up to date on the hot path.
+ */
+import type { TLSSocket } from 'node:tls';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { AccessRecord } from '../routing/dispatch.js';
+import type { RouteRuntime, Runtime, SiteRuntime } from '../routing/runtime.js';
+import type { CertificateInfo } from '../tls/certificates.js';
+
+/** Prefix of every metric name. */
+export const METRIC_PREFIX = 'gatehouse_';
+
+/** Request duration buckets (seconds): 1 ms to 30 s. */
+const DURATION_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+
+/** The state the scrape-time gauges read. */
+export interface MetricsSources {
+  runtime(): Runtime;
+  certificates(): CertificateInfo[];
+  /** ACME order and failure counts; undefined without an ACME issuer. */
+  acme(): { readonly orders: number; readonly failures: number } | undefined;
+  /** Open upgrade tunnels (WebSocket). */
+  tunnels(): number;
+}
+
+/** The label children of one route (or of a site without a matching route). */
+interface Series {
+  readonly site: string;
+  readonly route: string;
+  /** Index = status class (1..5); filled on first use. */
+  readonly requests: (Counter.Internal | undefined)[];
+  readonly duration: Histogram.Internal<string>;
+  readonly bytesIn: Counter.Internal;
+  readonly bytesOut: Counter.Internal;
+  rateLimited: Counter.Internal | undefined;
+}
+
+/** The metrics of one server. */
+export class Metrics {
+  readonly registry = new Registry();
+  /** Exchanges in flight (requests, and upgrade tunnels while open). */
+  inFlight = 0;
+  readonly #requests: Counter<'site' | 'route' | 'code'>;
+  readonly #duration: Histogram<'site' | 'route'>;
+  readonly #bytesIn: Counter<'site' | 'route'>;
+  readonly #bytesOut: Counter<'site' | 'route'>;
+  readonly #rateLimited: Counter<'site' | 'route'>;
+  readonly #upstreamFailures: Counter<'upstream' | 'code'>;
+  readonly #handshakes: Counter<'protocol' | 'version'>;
+  readonly #reloads: Counter<'result'>;
+  readonly #configVersion: Gauge;
+  readonly #reloadTime: Gauge;
+  readonly #routeSeries = new WeakMap<RouteRuntime, Series>();
+  readonly #otherSeries = new Map<string, Series>();
+  readonly #failureChildren = new Map<string, Counter.Internal>();
+  readonly #handshakeChildren = new Map<string, Counter.Internal>();
+
+  constructor(sources: MetricsSources) {
+    const registers = [this.registry];
+    const self = this;
+    this.#requests = new Counter({
+      name: `${METRIC_PREFIX}http_requests_total`,
+      help: 'Finished HTTP exchanges by site (first host), route (path prefix) and status class (2xx...).',
+      labelNames: ['site', 'route', 'code'], registers,
+    });
+    this.#duration = new Histogram({
+      name: `${METRIC_PREFIX}http_request_duration_seconds`,
+      help: 'Time from the request head to the end of the response, per route (upgrade tunnels excluded).',
+      labelNames: ['site', 'route'], buckets: DURATION_BUCKETS, registers,
+    });
+    this.#bytesIn = new Counter({
+      name: `${METRIC_PREFIX}http_request_body_bytes_total`,
+      help: 'Request body bytes sent upstream (tunnels: client to upstream), per route.',
+      labelNames: ['site', 'route'], registers,
+    });
+    this.#bytesOut = new Counter({
+      name: `${METRIC_PREFIX}http_response_body_bytes_total`,
+      help: 'Response body bytes sent to clients (tunnels: upstream to client), per route.',
+      labelNames: ['site', 'route'], registers,
+    });
+    this.#rateLimited = new Counter({
+      name: `${METRIC_PREFIX}http_rate_limited_total`,
+      help: 'Requests answered 429 by the route rate limit.',
+      labelNames: ['site', 'route'], registers,
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}http_requests_in_flight`,
+      help: 'Exchanges in progress (requests, and upgrade tunnels while open).',
+      registers,
+      collect() { this.set(self.inFlight); },
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}websocket_tunnels_open`,
+      help: 'Open upgrade tunnels (WebSocket).',
+      registers,
+      collect() { this.set(sources.tunnels()); },
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}upstream_healthy`,
+      help: '1 when the upstream is available to the balancer of its route (health checks and circuit breaker), else 0.',
+      labelNames: ['site', 'route', 'upstream'], registers,
+      collect() {
+        this.reset();
+        for (const { site, route, upstream } of upstreamsOf(sources.runtime())) {
+          this.labels(site, route, upstream.origin).set(upstream.available ? 1 : 0);
+        }
+      },
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}upstream_requests_in_flight`,
+      help: 'Requests (and tunnels) being proxied to the upstream now.',
+      labelNames: ['site', 'route', 'upstream'], registers,
+      collect() {
+        this.reset();
+        for (const { site, route, upstream } of upstreamsOf(sources.runtime())) {
+          this.labels(site, route, upstream.origin).set(upstream.inFlight);
+        }
+      },
+    });
+    this.#upstreamFailures = new Counter({
+      name: `${METRIC_PREFIX}upstream_failures_total`,
+      help: 'Proxied exchanges that failed because of the upstream, by origin and failure code (GH_UPSTREAM_*).',
+      labelNames: ['upstream', 'code'], registers,
+    });
+    this.#handshakes = new Counter({
+      name: `${METRIC_PREFIX}tls_handshakes_total`,
+      help: 'Completed TLS handshakes on the HTTPS listener by ALPN protocol (h2, http/1.1, none) and TLS version.',
+      labelNames: ['protocol', 'version'], registers,
+    });
+    new Gauge({
+      name: `${METRIC_PREFIX}tls_certificate_expiry_timestamp_seconds`,
+      help: 'Expiry (notAfter) of the certificate served for each name, as a Unix time.',
+      labelNames: ['name', 'source'], registers,
+      collect() {
+        this.reset();
+        // Temporary certificates first, so that the real one of a name wins.
+        const list = sources.certificates().sort((a, b) => Number(b.temporary) - Number(a.temporary));
+        for (const certificate of list) {
+          for (const name of certificate.names) this.labels(name, certificate.source).set(certificate.notAfter.getTime() / 1000);
+        }
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}acme_orders_total`,
+      help: 'ACME orders created (RFC 8555 newOrder) since start.',
+      registers,
+      collect() {
+        this.reset();
+        this.inc(sources.acme()?.orders ?? 0);
+      },
+    });
+    new Counter({
+      name: `${METRIC_PREFIX}acme_failures_total`,
+      help: 'Failed attempts to obtain or renew a certificate over ACME since start.',
+      registers,
+      collect() {
+        this.reset();
+        this.inc(sources.acme()?.failures ?? 0);
+      },
+    });
+    this.#reloads = new Counter({
+      name: `${METRIC_PREFIX}config_reloads_total`,
+      help: 'Config reloads by result (success, failure).',
+      labelNames: ['result'], registers,
+    });
+    this.#reloads.labels('success').inc(0);
+    this.#reloads.labels('failure').inc(0);
+    this.#configVersion = new Gauge({
+      name: `${METRIC_PREFIX}config_version`,
+      help: 'Version of the config being served: 1 at start, +1 per successful reload.',
+      registers,
+    });
+    this.#configVersion.set(1);
+    this.#reloadTime = new Gauge({
+      name: `${METRIC_PREFIX}config_last_reload_success_timestamp_seconds`,
+      help: 'Unix time of the last successful config load (start or reload).',
+      registers,
+    });
+    this.#reloadTime.set(Date.now() / 1000);
+    collectDefaultMetrics({ register: this.registry, prefix: METRIC_PREFIX });
+  }
+
+  /** The `Content-Type` of {@link text}. */
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+
+  /** The exposition text. */
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  /** An exchange finished (the access log record). */
+  observe(record: AccessRecord): void {
+    this.inFlight--;
+    const series = this.#seriesOf(record.site, record.route);
+    const status = record.status;
+    const statusClass = status >= 100 && status < 600 ? (status / 100) | 0 : 5;
+    let counter = series.requests[statusClass];
+    if (counter === undefined) {
+      counter = this.#requests.labels(series.site, series.route, `${statusClass}xx`);
+      series.requests[statusClass] = counter;
+    }
+    counter.inc();
+    if (status !== 101) series.duration.observe((performance.now() - record.startedAt) / 1000);
+    if (record.bytesIn > 0) series.bytesIn.inc(record.bytesIn);
+    if (record.bytesOut > 0) series.bytesOut.inc(record.bytesOut);
+    const error = record.error;
+    if (error !== undefined && record.upstream !== undefined && error.startsWith('GH_UPSTREAM_')) {
+      const key = `${record.upstream} ${error}`;
+      let child = this.#failureChildren.get(key);
+      if (child === undefined) {
+        child = this.#upstreamFailures.labels(record.upstream, error);
+        this.#failureChildren.set(key, child);
+      }
+      child.inc();
+    }
+  }
+
+  /** The route's rate limit answered 429. */
+  rateLimited(site: SiteRuntime, route: RouteRuntime): void {
+    const series = this.#seriesOf(site, route);
+    series.rateLimited ??= this.#rateLimited.labels(series.site, series.route);
+    series.rateLimited.inc();
+  }
+
+  /** A TLS handshake completed on the HTTPS listener. */
+  handshake(socket: TLSSocket): void {
+    const protocol = socket.alpnProtocol || 'none';
+    const version = socket.getProtocol() ?? 'unknown';
+    const key = `${protocol} ${version}`;
+    let child = this.#handshakeChildren.get(key);
+    if (child === undefined) {
+      child = this.#handshakes.labels(protocol, version);
+      this.#handshakeChildren.set(key, child);
+    }
+    child.inc();
+  }
+
+  /** A reload was tried. */
+  reloaded(ok: boolean, version: number): void {
+    this.#reloads.labels(ok ? 'success' : 'failure').inc();
+    if (ok) {
+      this.#configVersion.set(version);
+      this.#reloadTime.set(Date.now() / 1000);
+    }
+  }
+
+  #seriesOf(site: SiteRuntime | undefined, route: RouteRuntime | undefined): Series {
+    if (route !== undefined) {
+      let series = this.#routeSeries.get(route);
+      if (series === undefined) {
+        series = this.#newSeries(site?.hosts[0] ?? '', route.config.path);
+        this.#routeSeries.set(route, series);
+      }
+      return series;
+    }
+    const siteName = site?.hosts[0] ?? '';
+    let series = this.#otherSeries.get(siteName);
+    if (series === undefined) {
+      series = this.#newSeries(siteName, '');
+      this.#otherSeries.set(siteName, series);
+    }
+    return series;
+  }
+
+  #newSeries(site: string, route: string): Series {
+    return {
+      site, route,
+      requests: [],
+      duration: this.#duration.labels(site, route),
+      bytesIn: this.#bytesIn.labels(site, route),
+      bytesOut: this.#bytesOut.labels(site, route),
+      rateLimited: undefined,
+    };
+  }
+}
+
+function* upstreamsOf(runtime: Runtime): Generator<{ site: string; route: string; upstream: { origin: string; available: boolean; inFlight: number } }> {
+  for (const site of runtime.sites) {
+    for (const { route } of site.routes) {
+      for (const upstream of route.upstreams) yield { site: site.hosts[0] ?? '', route: route.config.path, upstream };
+    }
+  }
+}
