@@ -314,6 +314,55 @@ const log = z.strictObject({
   redact: z.array(z.string().regex(/^[!#$%&'*+\-.^_`|~0-9a-z]+$/, 'expected a lowercase header name')).default(['authorization', 'cookie', 'set-cookie', 'proxy-authorization']),
 });
 
+/**
+ * Deadlines for client connections, on both listeners. Node's HTTP/2 server sets none of these by
+ * default, and its HTTP/1 fallback takes them from the server object, not from options: the
+ * listeners set every one explicitly.
+ */
+const clientTimeouts = z.strictObject({
+  /** TLS handshake (ms): a connection that has not finished it is closed. Default `10s` (Node: 120 s). */
+  handshake: duration.default(10_000),
+  /** Request header deadline (ms), from the first byte of a request (HTTP/1) or while a session owes
+   * an answer to a PING (HTTP/2: a header block left open blocks every frame, PING ACK included);
+   * HTTP/1 gets 408 and the connection is closed. Default `10s` (Node: 60 s; nginx `client_header_timeout` 60 s). */
+  headers: duration.default(10_000),
+  /** Longest gap between two chunks of a request body (ms); 408 before the answer started, else the
+   * connection (HTTP/1) or stream (HTTP/2) is closed. Default `30s`. There is no total deadline, so
+   * long uploads that keep moving are never cut. */
+  body_idle: duration.default(30_000),
+  /** An HTTP/1.1 keep-alive connection idle between requests is closed after this (ms). Default `5s`
+   * (Node's default for `http`, which its HTTP/2 server does not apply to HTTP/1 connections). */
+  keepalive: duration.default(5_000),
+  /** An HTTP/2 session with no open stream is closed (GOAWAY) after this (ms). Default `2m` (nginx `keepalive_timeout` 75 s, Caddy 5 m). */
+  idle: duration.default(120_000),
+});
+export type ClientTimeoutsConfig = z.output<typeof clientTimeouts>;
+
+/** Limits on what one client request may carry. */
+const clientLimits = z.strictObject({
+  /** Request line and header section (HTTP/1), header list (HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE`)
+   * in bytes; 431 above it (HTTP/2: the stream is reset). Default `32KiB` (Node: 16 KiB, nginx: 32 KiB). */
+  header_size: size.default(32 * 1024),
+  /** Header fields per request; 431 above it (HTTP/2: the stream is reset). Default 100 (Node: 2000). */
+  header_count: z.number().int().min(8).max(10_000).default(100),
+  /** Request target (path and query) length in bytes; 414 above it. Default `8KiB` (nginx: 8 KiB). */
+  target_length: size.default(8 * 1024),
+  /** HTTP/2 streams a client may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`). Default 128:
+   * browsers and CDNs expect 100-128; each open stream may hold an upstream request. */
+  concurrent_streams: z.number().int().min(1).max(1000).default(128),
+});
+export type ClientLimitsConfig = z.output<typeof clientLimits>;
+
+/** Client connection deadlines and request limits. */
+const clients = z.strictObject({
+  timeouts: clientTimeouts.prefault({}),
+  limits: clientLimits.prefault({}),
+});
+export type ClientsConfig = z.output<typeof clients>;
+
+/** The defaults of `clients`, for listeners built without a config (tests, tools). */
+export const DEFAULT_CLIENTS: ClientsConfig = Object.freeze(clients.parse({}));
+
 /** The whole config file. */
 export const configSchema = z.strictObject({
   listen: z.strictObject({
@@ -343,6 +392,8 @@ export const configSchema = z.strictObject({
   /** Peers (IPs or CIDRs, e.g. `10.0.0.0/8`, `::1`) whose `X-Forwarded-For` is believed when finding
    * the client IP for rate limits and logs. Default `[]`: the TCP peer is the client. */
   trusted_proxies: z.array(cidr).default([]),
+  /** Client connection deadlines and request limits (both listeners). */
+  clients: clients.prefault({}),
   tls: tls.prefault({}),
   log: log.prefault({}),
   sites: z.array(site).default([]),

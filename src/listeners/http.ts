@@ -4,10 +4,13 @@
  * have `tls: off` or `redirect: false` in plain HTTP.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
+import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
-import type { ListenAddress } from '../config/schema.js';
+import { DEFAULT_CLIENTS, type ClientsConfig, type ListenAddress } from '../config/schema.js';
 import { ConnectionTracker, requestEnded, requestStarted } from './connections.js';
+import { applyHttp1Deadlines, watchRequestBody } from './deadlines.js';
+import { answerClientError, checkRequest, checkUpgrade, followsRejectedRequest, GUARD_FAILURES, GuardError, rejectRequest, rejectUpgrade } from './guard.js';
 import { listenOn } from './https.js';
 
 /** The path prefix of ACME HTTP-01 challenges (RFC 8555 §8.3). */
@@ -20,8 +23,10 @@ export interface HttpListenerOptions {
   readonly onRequest: (req: IncomingMessage, res: ServerResponse) => void;
   /** Handles HTTP/1.1 Upgrade requests. */
   readonly onUpgrade: (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
-  /** Reports errors of single connections (never fatal). */
+  /** Reports errors of single connections and requests refused before routing (never fatal). */
   readonly onClientError?: (error: Error) => void;
+  /** Client deadlines and limits. Default: the schema's defaults. */
+  readonly clients?: ClientsConfig;
 }
 
 /** The plain HTTP listener. */
@@ -32,23 +37,47 @@ export class HttpListener {
 
   constructor(options: HttpListenerOptions) {
     this.#address = options.address;
-    const server = createServer({ keepAliveTimeout: 5_000 });
+    const clients = options.clients ?? DEFAULT_CLIENTS;
+    const limits = clients.limits;
+    const bodyIdle = clients.timeouts.body_idle;
+    const report = options.onClientError;
+    const server = createServer();
+    applyHttp1Deadlines(server, clients);
     this.server = server;
     this.#tracker = new ConnectionTracker(server);
     server.on('request', (req: IncomingMessage, res: ServerResponse) => {
       const socket = req.socket;
       requestStarted(socket);
       res.once('close', () => requestEnded(socket));
+      if (followsRejectedRequest(req)) {
+        socket.destroySoon();
+        return;
+      }
+      const failed = checkRequest(req, limits);
+      if (failed !== undefined) {
+        report?.(new GuardError(failed));
+        rejectRequest(req, res, failed);
+        return;
+      }
+      watchRequestBody(req, res, bodyIdle);
       options.onRequest(req, res);
     });
-    server.on('upgrade', options.onUpgrade);
-    server.on('clientError', (error: Error, socket: Duplex) => {
-      options.onClientError?.(error);
-      if ((socket as Socket).writable && !(error as { code?: string }).code?.startsWith('ECONN')) {
-        socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
-      } else {
-        socket.destroy();
+    server.on('checkExpectation', (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse) => {
+      report?.(new GuardError(GUARD_FAILURES.expectation));
+      rejectRequest(req, res, GUARD_FAILURES.expectation);
+    });
+    server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+      const failed = checkUpgrade(req, limits);
+      if (failed !== undefined) {
+        report?.(new GuardError(failed));
+        rejectUpgrade(socket, failed);
+        return;
       }
+      options.onUpgrade(req, socket, head);
+    });
+    server.on('clientError', (error: Error, socket: Duplex) => {
+      report?.(error);
+      answerClientError(error, socket, limits);
     });
   }
 

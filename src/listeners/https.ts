@@ -6,22 +6,24 @@
  * Why node:http2 and not `spdy`: spdy is unmaintained, relies on removed Node internals and
  * measured 4x slower; Node's own HTTP/2 server is maintained with Node itself.
  */
-import { createSecureServer, type Http2SecureServer, type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
-import type { IncomingMessage } from 'node:http';
+import { createSecureServer, Http2ServerRequest, type Http2SecureServer, type Http2ServerResponse } from 'node:http2';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { createServer as createNetServer, type AddressInfo, type Server as NetServer, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
-import type { ListenAddress } from '../config/schema.js';
+import { DEFAULT_CLIENTS, type ClientsConfig, type ListenAddress } from '../config/schema.js';
 import type { CertificateStore } from '../tls/certificates.js';
 import { ConnectionTracker, requestEnded, requestStarted } from './connections.js';
+import { applyHttp1Deadlines, Http2SessionWatch, watchRequestBody } from './deadlines.js';
+import { answerClientError, checkRequest, checkUpgrade, followsRejectedRequest, GUARD_FAILURES, GuardError, rejectRequest, rejectUpgrade } from './guard.js';
 
-/** HTTP/2 SETTINGS and limits (RFC 9113 §6.5.2). */
-export const HTTP2_SETTINGS = Object.freeze({
-  /** Streams a client may open at once; 100-128 is what browsers and CDNs expect. */
-  maxConcurrentStreams: 128,
-  /** Largest header list accepted (bytes), as nginx's default `large_client_header_buffers`. */
-  maxHeaderListSize: 64 * 1024,
-  enablePush: false,
-});
+/**
+ * HTTP/2 SETTINGS (RFC 9113 §6.5.2) from the client limits: `maxConcurrentStreams` bounded (each
+ * open stream may hold an upstream request), `maxHeaderListSize` = `clients.limits.header_size`
+ * (Node resets a stream whose header list is larger with ENHANCE_YOUR_CALM), no server push.
+ */
+export function http2Settings(clients: ClientsConfig): { maxConcurrentStreams: number; maxHeaderListSize: number; enablePush: boolean } {
+  return { maxConcurrentStreams: clients.limits.concurrent_streams, maxHeaderListSize: clients.limits.header_size, enablePush: false };
+}
 
 /** Options of {@link HttpsListener}. */
 export interface HttpsListenerOptions {
@@ -36,8 +38,10 @@ export interface HttpsListenerOptions {
    * server. The ACME TLS-ALPN-01 responder uses it. Default: straight through.
    */
   readonly acceptConnection?: (socket: Socket, next: (socket: Socket) => void) => void;
-  /** Reports errors of single connections (never fatal). */
+  /** Reports errors of single connections and requests refused before routing (never fatal). */
   readonly onClientError?: (error: Error) => void;
+  /** Client deadlines and limits. Default: the schema's defaults. */
+  readonly clients?: ClientsConfig;
 }
 
 /** The HTTPS listener. */
@@ -45,37 +49,88 @@ export class HttpsListener {
   readonly server: Http2SecureServer;
   readonly #tracker: ConnectionTracker;
   readonly #options: HttpsListenerOptions;
+  readonly #sessions: Http2SessionWatch;
   #tcp: NetServer | undefined;
   #detach: (() => void) | undefined;
 
   constructor(options: HttpsListenerOptions) {
     this.#options = options;
+    const clients = options.clients ?? DEFAULT_CLIENTS;
+    const limits = clients.limits;
     const server = createSecureServer({
       ...options.store.serverOptions(),
       allowHTTP1: true,
-      settings: HTTP2_SETTINGS,
+      handshakeTimeout: clients.timeouts.handshake,
+      settings: http2Settings(clients),
+      // Header fields per HTTP/2 request, the four pseudo-headers included; more resets the stream.
+      maxHeaderListPairs: limits.header_count + 4,
       maxSessionInvalidFrames: 100,
       maxSessionRejectedStreams: 100,
     });
     this.server = server;
+    applyHttp1Deadlines(server, clients);
     this.#tracker = new ConnectionTracker(server, 'secureConnection');
+    this.#sessions = new Http2SessionWatch(server, clients.timeouts);
+    const report = options.onClientError;
+    const bodyIdle = clients.timeouts.body_idle;
     server.on('request', (req: IncomingMessage | Http2ServerRequest, res: Http2ServerResponse) => {
-      if (req.httpVersionMajor === 1) {
-        const socket = req.socket as Socket;
-        requestStarted(socket);
-        res.once('close', () => requestEnded(socket));
+      if (req instanceof Http2ServerRequest) {
+        // Dispatch after the frames read with this HEADERS are processed: a stream the client reset
+        // at once (rapid reset, CVE-2023-44487) is closed by then and never reaches an upstream.
+        setImmediate(dispatchStream, req, res, this);
+        return;
       }
+      const socket = req.socket as Socket;
+      requestStarted(socket);
+      res.once('close', () => requestEnded(socket));
+      if (followsRejectedRequest(req)) {
+        socket.destroySoon();
+        return;
+      }
+      const failed = checkRequest(req, limits);
+      if (failed !== undefined) {
+        report?.(new GuardError(failed));
+        rejectRequest(req, res, failed);
+        return;
+      }
+      watchRequestBody(req, res, bodyIdle);
       options.onRequest(req, res);
     });
-    server.on('upgrade', options.onUpgrade);
-    const report = options.onClientError;
+    server.on('checkExpectation', (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse) => {
+      report?.(new GuardError(GUARD_FAILURES.expectation));
+      rejectRequest(req, res, GUARD_FAILURES.expectation);
+    });
+    server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+      const failed = checkUpgrade(req, limits);
+      if (failed !== undefined) {
+        report?.(new GuardError(failed));
+        rejectUpgrade(socket, failed);
+        return;
+      }
+      options.onUpgrade(req, socket, head);
+    });
     server.on('tlsClientError', (error: Error) => report?.(error));
     server.on('sessionError', (error: Error) => report?.(error));
     server.on('clientError', (error: Error, socket: Duplex) => {
       report?.(error);
-      socket.destroy();
+      answerClientError(error, socket, limits);
     });
     this.#detach = options.store.attach(server);
+  }
+
+  /** @internal An HTTP/2 request, one turn of the event loop after its HEADERS: still open, and valid? */
+  dispatchStream(req: Http2ServerRequest, res: Http2ServerResponse): void {
+    const stream = req.stream;
+    if (stream.destroyed || stream.closed) return;
+    const clients = this.#options.clients ?? DEFAULT_CLIENTS;
+    const failed = checkRequest(req, clients.limits);
+    if (failed !== undefined) {
+      this.#options.onClientError?.(new GuardError(failed));
+      rejectRequest(req, res, failed);
+      return;
+    }
+    watchRequestBody(req, res, clients.timeouts.body_idle);
+    this.#options.onRequest(req, res);
   }
 
   /** True while draining: HTTP/1.1 answers should close their connection. */
@@ -97,6 +152,9 @@ export class HttpsListener {
       });
       this.#tcp = tcp;
       await listenOn(tcp, address);
+      // The TLS server itself never listens: start Node's HTTP/1 header-deadline checks, which
+      // it only starts on 'listening' (without them HTTP/1 connections have no header deadline).
+      this.server.emit('listening');
       return tcp.address() as AddressInfo;
     }
     await listenOn(this.server, address);
@@ -109,6 +167,7 @@ export class HttpsListener {
     this.#detach = undefined;
     this.#tcp?.close();
     await this.#tracker.drain(this.server, graceMs);
+    this.#sessions.stop();
   }
 }
 
@@ -122,4 +181,8 @@ export function listenOn(server: NetServer, address: ListenAddress): Promise<voi
       resolve();
     });
   });
+}
+
+function dispatchStream(req: Http2ServerRequest, res: Http2ServerResponse, listener: HttpsListener): void {
+  listener.dispatchStream(req, res);
 }

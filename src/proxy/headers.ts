@@ -41,6 +41,8 @@ export function isHopByHopHeader(lowercaseName: string): boolean {
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 /** Characters Node (and undici) reject in a field value: controls other than HTAB, and DEL. */
 const INVALID_VALUE_CHAR = /[^\t\x20-\x7e\x80-\xff]/;
+/** A Content-Length value (RFC 9110 §8.6), at most 15 digits so that it stays an exact number. */
+const DECIMAL = /^\d{1,15}$/;
 /** A request id worth keeping: 1–200 visible ASCII characters. */
 const SANE_REQUEST_ID = /^[\x21-\x7e]{1,200}$/;
 
@@ -109,7 +111,9 @@ export function newRequestHeadFacts(): RequestHeadFacts {
  * the client's), `x-request-id`. When `upgrade` is true, `connection: upgrade` and the client's
  * `Upgrade` are kept (HTTP/1.1 Upgrade, RFC 9110 §7.8).
  *
- * Never throws; the input was validated by Node's parser, added values are built from it.
+ * Never throws. Fields with an invalid name (not a token) or value (controls, DEL, characters above
+ * U+00FF) are dropped, and `Content-Length` is sent once in canonical form: Node's parsers already
+ * refuse such input, this holds for any list.
  *
  * @param rawHeaders `req.rawHeaders` (alternating names and values, as received).
  * @param httpVersion `req.httpVersion` (`"1.1"`, `"1.0"`, `"2.0"`).
@@ -132,11 +136,13 @@ export function toUpstreamRequestHeaders(
   let via = '';
   let clientRequestId = '';
   let connectionTokens = '';
+  let contentLength = '';
   const n = rawHeaders.length;
   for (let i = 0; i < n; i += 2) {
     const name = rawHeaders[i]!;
     const value = rawHeaders[i + 1]!;
     const lower = name.toLowerCase();
+    if (INVALID_VALUE_CHAR.test(value)) continue; // Node's parsers refuse these; never pass one on
     switch (lower) {
       case 'host':
         if (host === '') host = value;
@@ -162,8 +168,14 @@ export function toUpstreamRequestHeaders(
       case 'x-forwarded-host':
         continue;
       case 'content-length':
-        facts.contentLength = Number(value);
-        break;
+        // Forwarded once, in canonical form (`007` → `7`); a second or malformed one is dropped
+        // (Node's parsers refuse both; this is the last line of defence).
+        if (contentLength === '' && DECIMAL.test(value)) {
+          facts.contentLength = Number(value);
+          contentLength = String(facts.contentLength);
+          out.push(name, contentLength);
+        }
+        continue;
       case 'x-forwarded-for':
         forwardedFor = forwardedFor === '' ? value : `${forwardedFor}, ${value}`;
         continue;
@@ -178,6 +190,7 @@ export function toUpstreamRequestHeaders(
           if (lower === ':authority') authority = value;
           continue;
         }
+        if (!TOKEN.test(name)) continue;
     }
     out.push(name, value);
   }
@@ -256,8 +269,12 @@ export type ClientResponseHeaders = string[] | Record<string, string | string[]>
  * @param raw undici's raw header list (`Buffer` or `string` items).
  * @param http2 true for an HTTP/2 client.
  * @param requestId the request id to return, or `''`.
+ * @param status the response status; `Content-Length` is dropped for 1xx and 204. Default 200.
  */
-export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2: boolean, requestId: string): ClientResponseHeaders {
+export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2: boolean, requestId: string, status = 200): ClientResponseHeaders {
+  // RFC 9110 §8.6: no Content-Length in a 1xx or 204 (an upstream that sends one anyway must not
+  // make the client wait for a body, nor node:http2 refuse the response).
+  const noLength = status < 200 || status === 204;
   let connectionTokens = '';
   let via = '';
   const list: string[] = [];
@@ -283,6 +300,9 @@ export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2
       case 'via':
         via = via === '' ? value : `${via}, ${value}`;
         continue;
+      case 'content-length':
+        if (noLength) continue;
+        break;
     }
     if (!TOKEN.test(name) || INVALID_VALUE_CHAR.test(value)) continue;
     list.push(http2 ? lower : name, value);
