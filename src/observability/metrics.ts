@@ -2,15 +2,16 @@
  * Prometheus metrics (prom-client), every name prefixed `gatehouse_`, served by the admin API at
  * `GET /metrics`.
  *
- * The per-request cost is a few additions: each route gets its label children once
- * (`counter.labels(site, route, class)` is resolved the first time a route answers with a status
- * class, then kept), so a request never builds a label set or hashes one. Labels are the site's
- * first host and the route's path prefix — never the raw request path — so the number of series is
- * bounded by the config. Gauges that mirror state (upstreams, certificates, ACME, tunnels) are
- * computed when scraped, not kept up to date on the hot path.
+ * The per-request cost is a few additions to plain numbers: each route has a `Series` object
+ * (found through a WeakMap keyed by the route), whose counters and histogram buckets are numbers
+ * turned into Prometheus samples only when `/metrics` is scraped. (prom-client's label children
+ * hash their label set on every `inc`/`observe`; the hot path never calls them.) Labels are the
+ * site's first host and the route's path prefix — never the raw request path — so the number of
+ * series is bounded by the config; series outlive reloads, so counters never go back. Gauges that
+ * mirror state (upstreams, certificates, ACME, tunnels) are computed when scraped too.
  */
 import type { TLSSocket } from 'node:tls';
-import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
 import type { AccessRecord } from '../routing/dispatch.js';
 import type { RouteRuntime, Runtime, SiteRuntime } from '../routing/runtime.js';
 import type { CertificateInfo } from '../tls/certificates.js';
@@ -31,16 +32,37 @@ export interface MetricsSources {
   tunnels(): number;
 }
 
-/** The label children of one route (or of a site without a matching route). */
+/** The counters of one site + route pair, plain numbers (see the file comment). */
 interface Series {
   readonly site: string;
   readonly route: string;
-  /** Index = status class (1..5); filled on first use. */
-  readonly requests: (Counter.Internal | undefined)[];
-  readonly duration: Histogram.Internal<string>;
-  readonly bytesIn: Counter.Internal;
-  readonly bytesOut: Counter.Internal;
-  rateLimited: Counter.Internal | undefined;
+  /** Index = status class (1..5). */
+  readonly requests: Float64Array;
+  /** Non-cumulative bucket counts; the last one is +Inf. */
+  readonly buckets: Float64Array;
+  durationSum: number;
+  durationCount: number;
+  bytesIn: number;
+  bytesOut: number;
+  rateLimited: number;
+}
+
+type Sample = { labels: Record<string, string | number>; value: number; metricName?: string };
+
+/** A metric whose samples are computed at scrape time; what prom-client's `Registry` needs of a metric. */
+class ScrapedMetric {
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    readonly type: 'counter' | 'gauge' | 'histogram',
+    private readonly samples: () => Sample[],
+  ) {}
+
+  get(): { name: string; help: string; type: string; values: Sample[]; aggregator: 'sum' } {
+    return { name: this.name, help: this.help, type: this.type, values: this.samples(), aggregator: 'sum' };
+  }
+
+  reset(): void {}
 }
 
 /** The metrics of one server. */
@@ -48,49 +70,65 @@ export class Metrics {
   readonly registry = new Registry();
   /** Exchanges in flight (requests, and upgrade tunnels while open). */
   inFlight = 0;
-  readonly #requests: Counter<'site' | 'route' | 'code'>;
-  readonly #duration: Histogram<'site' | 'route'>;
-  readonly #bytesIn: Counter<'site' | 'route'>;
-  readonly #bytesOut: Counter<'site' | 'route'>;
-  readonly #rateLimited: Counter<'site' | 'route'>;
   readonly #upstreamFailures: Counter<'upstream' | 'code'>;
   readonly #handshakes: Counter<'protocol' | 'version'>;
   readonly #reloads: Counter<'result'>;
   readonly #configVersion: Gauge;
   readonly #reloadTime: Gauge;
+  /** Fast path: the series of a route object. */
   readonly #routeSeries = new WeakMap<RouteRuntime, Series>();
-  readonly #otherSeries = new Map<string, Series>();
+  /** Every series by site and route label, kept across reloads. */
+  readonly #series = new Map<string, Series>();
   readonly #failureChildren = new Map<string, Counter.Internal>();
   readonly #handshakeChildren = new Map<string, Counter.Internal>();
 
   constructor(sources: MetricsSources) {
     const registers = [this.registry];
     const self = this;
-    this.#requests = new Counter({
-      name: `${METRIC_PREFIX}http_requests_total`,
-      help: 'Finished HTTP exchanges by site (first host), route (path prefix) and status class (2xx...).',
-      labelNames: ['site', 'route', 'code'], registers,
-    });
-    this.#duration = new Histogram({
-      name: `${METRIC_PREFIX}http_request_duration_seconds`,
-      help: 'Time from the request head to the end of the response, per route (upgrade tunnels excluded).',
-      labelNames: ['site', 'route'], buckets: DURATION_BUCKETS, registers,
-    });
-    this.#bytesIn = new Counter({
-      name: `${METRIC_PREFIX}http_request_body_bytes_total`,
-      help: 'Request body bytes sent upstream (tunnels: client to upstream), per route.',
-      labelNames: ['site', 'route'], registers,
-    });
-    this.#bytesOut = new Counter({
-      name: `${METRIC_PREFIX}http_response_body_bytes_total`,
-      help: 'Response body bytes sent to clients (tunnels: upstream to client), per route.',
-      labelNames: ['site', 'route'], registers,
-    });
-    this.#rateLimited = new Counter({
-      name: `${METRIC_PREFIX}http_rate_limited_total`,
-      help: 'Requests answered 429 by the route rate limit.',
-      labelNames: ['site', 'route'], registers,
-    });
+    const all = () => this.#series.values();
+    const perRoute = (value: (series: Series) => number) => () => {
+      const samples: Sample[] = [];
+      for (const series of all()) samples.push({ labels: { site: series.site, route: series.route }, value: value(series) });
+      return samples;
+    };
+    const scraped = [
+      new ScrapedMetric(`${METRIC_PREFIX}http_requests_total`,
+        'Finished HTTP exchanges by site (first host), route (path prefix) and status class (2xx...).', 'counter', () => {
+          const samples: Sample[] = [];
+          for (const series of all()) {
+            for (let c = 1; c <= 5; c++) {
+              const value = series.requests[c]!;
+              if (value > 0) samples.push({ labels: { site: series.site, route: series.route, code: `${c}xx` }, value });
+            }
+          }
+          return samples;
+        }),
+      new ScrapedMetric(`${METRIC_PREFIX}http_request_duration_seconds`,
+        'Time from the request head to the end of the response, per route (upgrade tunnels excluded).', 'histogram', () => {
+          const samples: Sample[] = [];
+          const name = `${METRIC_PREFIX}http_request_duration_seconds`;
+          for (const series of all()) {
+            if (series.durationCount === 0) continue;
+            const labels = { site: series.site, route: series.route };
+            let cumulative = 0;
+            for (let i = 0; i < DURATION_BUCKETS.length; i++) {
+              cumulative += series.buckets[i]!;
+              samples.push({ metricName: `${name}_bucket`, labels: { ...labels, le: DURATION_BUCKETS[i]! }, value: cumulative });
+            }
+            samples.push({ metricName: `${name}_bucket`, labels: { ...labels, le: '+Inf' }, value: series.durationCount });
+            samples.push({ metricName: `${name}_sum`, labels, value: series.durationSum });
+            samples.push({ metricName: `${name}_count`, labels, value: series.durationCount });
+          }
+          return samples;
+        }),
+      new ScrapedMetric(`${METRIC_PREFIX}http_request_body_bytes_total`,
+        'Request body bytes sent upstream (tunnels: client to upstream), per route.', 'counter', perRoute((s) => s.bytesIn)),
+      new ScrapedMetric(`${METRIC_PREFIX}http_response_body_bytes_total`,
+        'Response body bytes sent to clients (tunnels: upstream to client), per route.', 'counter', perRoute((s) => s.bytesOut)),
+      new ScrapedMetric(`${METRIC_PREFIX}http_rate_limited_total`,
+        'Requests answered 429 by the route rate limit.', 'counter', perRoute((s) => s.rateLimited)),
+    ];
+    for (const metric of scraped) this.registry.registerMetric(metric as unknown as Parameters<Registry['registerMetric']>[0]);
     new Gauge({
       name: `${METRIC_PREFIX}http_requests_in_flight`,
       help: 'Exchanges in progress (requests, and upgrade tunnels while open).',
@@ -203,16 +241,17 @@ export class Metrics {
     this.inFlight--;
     const series = this.#seriesOf(record.site, record.route);
     const status = record.status;
-    const statusClass = status >= 100 && status < 600 ? (status / 100) | 0 : 5;
-    let counter = series.requests[statusClass];
-    if (counter === undefined) {
-      counter = this.#requests.labels(series.site, series.route, `${statusClass}xx`);
-      series.requests[statusClass] = counter;
+    series.requests[status >= 100 && status < 600 ? (status / 100) | 0 : 5]!++;
+    if (status !== 101) {
+      const seconds = (performance.now() - record.startedAt) / 1000;
+      let i = 0;
+      while (i < DURATION_BUCKETS.length && seconds > DURATION_BUCKETS[i]!) i++;
+      series.buckets[i]!++;
+      series.durationSum += seconds;
+      series.durationCount++;
     }
-    counter.inc();
-    if (status !== 101) series.duration.observe((performance.now() - record.startedAt) / 1000);
-    if (record.bytesIn > 0) series.bytesIn.inc(record.bytesIn);
-    if (record.bytesOut > 0) series.bytesOut.inc(record.bytesOut);
+    series.bytesIn += record.bytesIn;
+    series.bytesOut += record.bytesOut;
     const error = record.error;
     if (error !== undefined && record.upstream !== undefined && error.startsWith('GH_UPSTREAM_')) {
       const key = `${record.upstream} ${error}`;
@@ -227,9 +266,7 @@ export class Metrics {
 
   /** The route's rate limit answered 429. */
   rateLimited(site: SiteRuntime, route: RouteRuntime): void {
-    const series = this.#seriesOf(site, route);
-    series.rateLimited ??= this.#rateLimited.labels(series.site, series.route);
-    series.rateLimited.inc();
+    this.#seriesOf(site, route).rateLimited++;
   }
 
   /** A TLS handshake completed on the HTTPS listener. */
@@ -258,29 +295,27 @@ export class Metrics {
     if (route !== undefined) {
       let series = this.#routeSeries.get(route);
       if (series === undefined) {
-        series = this.#newSeries(site?.hosts[0] ?? '', route.config.path);
+        series = this.#namedSeries(site?.hosts[0] ?? '', route.config.path);
         this.#routeSeries.set(route, series);
       }
       return series;
     }
-    const siteName = site?.hosts[0] ?? '';
-    let series = this.#otherSeries.get(siteName);
-    if (series === undefined) {
-      series = this.#newSeries(siteName, '');
-      this.#otherSeries.set(siteName, series);
-    }
-    return series;
+    return this.#namedSeries(site?.hosts[0] ?? '', '');
   }
 
-  #newSeries(site: string, route: string): Series {
-    return {
-      site, route,
-      requests: [],
-      duration: this.#duration.labels(site, route),
-      bytesIn: this.#bytesIn.labels(site, route),
-      bytesOut: this.#bytesOut.labels(site, route),
-      rateLimited: undefined,
-    };
+  #namedSeries(site: string, route: string): Series {
+    const key = `${site}\n${route}`;
+    let series = this.#series.get(key);
+    if (series === undefined) {
+      series = {
+        site, route,
+        requests: new Float64Array(6),
+        buckets: new Float64Array(DURATION_BUCKETS.length + 1),
+        durationSum: 0, durationCount: 0, bytesIn: 0, bytesOut: 0, rateLimited: 0,
+      };
+      this.#series.set(key, series);
+    }
+    return series;
   }
 }
 
