@@ -42,6 +42,7 @@ export const GUARD_FAILURES = Object.freeze({
   transferEncoding: failure(501, 'GH_TRANSFER_ENCODING', 'only "Transfer-Encoding: chunked" is supported'),
   transferEncodingHttp10: failure(400, 'GH_TRANSFER_ENCODING_HTTP10', 'Transfer-Encoding is not allowed in an HTTP/1.0 request'),
   badRequest: failure(400, 'GH_BAD_REQUEST', 'the request is malformed'),
+  badHeaderValue: failure(400, 'GH_BAD_HEADER_VALUE', 'a header field value is malformed'),
   expectation: failure(417, 'GH_EXPECTATION_FAILED', 'the only expectation supported is "100-continue"'),
   headersTimeout: failure(408, 'GH_HEADERS_TIMEOUT', 'the request header was not received in time'),
   bodyTimeout: failure(408, 'GH_BODY_TIMEOUT', 'the request body stopped arriving'),
@@ -58,8 +59,14 @@ export function checkRequest(req: ClientRequest, limits: ClientLimitsConfig): Pr
   if (url.length > limits.target_length) return GUARD_FAILURES.targetTooLong;
   const raw = req.rawHeaders;
   if (isHttp2Request(req)) {
-    // nghttp2 checked framing and pseudo-headers; the field count includes the four pseudo-headers.
-    return raw.length > 2 * (limits.header_count + 4) ? GUARD_FAILURES.tooManyHeaders : undefined;
+    // The field count includes the four pseudo-headers.
+    if (raw.length > 2 * (limits.header_count + 4)) return GUARD_FAILURES.tooManyHeaders;
+    // Node's nghttp2 session does not check field values: a value with CR, LF or NUL, or with
+    // white space around it, makes the request malformed (RFC 9113 §8.2.1).
+    for (let i = 1; i < raw.length; i += 2) {
+      if (MALFORMED_H2_VALUE.test(raw[i]!)) return GUARD_FAILURES.badHeaderValue;
+    }
+    return undefined;
   }
   if (req.httpVersionMajor !== 1 || req.httpVersionMinor > 1) return GUARD_FAILURES.badVersion;
   if (raw.length > 2 * limits.header_count) return GUARD_FAILURES.tooManyHeaders;
@@ -199,6 +206,9 @@ function useAbsoluteForm(req: IncomingMessage, url: string): ProxyFailure | unde
   if (!replaced) raw.push('Host', authority);
   return undefined;
 }
+
+/** An HTTP/2 field value that is malformed: CR, LF, NUL anywhere, SP or HTAB at either end. */
+const MALFORMED_H2_VALUE = /[\r\n\0]|^[ \t]|[ \t]$/;
 
 /** `METHOD target HTTP/d.d` CRLF (RFC 9112 §3). */
 const WELL_FORMED_REQUEST_LINE = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP\/\d\.\d\r\n/;
