@@ -442,6 +442,7 @@ class ProxyExchange implements ForwardOutcome {
     this.onError(new ProxyAbortError(FAILURES.clientAborted));
   }
 
+  /** True once the client went away (checked before a retry is dispatched). */
   isClientGone(): boolean {
     return this.clientGone;
   }

@@ -4,7 +4,7 @@
  * every socket) and restarted on the same port.
  *
  * Query parameters: `delay=MS` waits before answering; `cookie=VALUE` adds the upstream's own
- * `Set-Cookie: app=VALUE`.
+ * `Set-Cookie: app=VALUE`; `hsts=VALUE` adds `Strict-Transport-Security: VALUE`.
  */
 import { once } from 'node:events';
 import http from 'node:http';
@@ -68,6 +68,8 @@ export async function startCountingUpstream(name: string, options: { port?: numb
       const answer = (): void => {
         const cookie = url.searchParams.get('cookie');
         if (cookie !== null) res.setHeader('set-cookie', `app=${cookie}; Path=/`);
+        const hsts = url.searchParams.get('hsts');
+        if (hsts !== null) res.setHeader('strict-transport-security', hsts);
         res.setHeader('content-type', 'text/plain');
         res.end(name);
       };
