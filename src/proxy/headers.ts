@@ -142,13 +142,14 @@ export function toUpstreamRequestHeaders(
     const name = rawHeaders[i]!;
     const value = rawHeaders[i + 1]!;
     const lower = name.toLowerCase();
+    if (lower === 'connection') {
+      if (!isPlainConnectionValue(value)) connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
+      continue;
+    }
     if (INVALID_VALUE_CHAR.test(value)) continue; // Node's parsers refuse these; never pass one on
     switch (lower) {
       case 'host':
         if (host === '') host = value;
-        continue;
-      case 'connection':
-        if (!isPlainConnectionValue(value)) connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
         continue;
       case 'te':
         if (/(?:^|,)\s*trailers\s*(?:[;,]|$)/i.test(value)) facts.teTrailers = true;
@@ -285,10 +286,12 @@ export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2
     const name = typeof rawName === 'string' ? rawName : rawName.toString('latin1');
     const value = typeof rawValue === 'string' ? rawValue : rawValue.toString('latin1');
     const lower = name.toLowerCase();
+    if (lower === 'connection') {
+      if (!isPlainConnectionValue(value)) connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
+      continue;
+    }
+    if (INVALID_VALUE_CHAR.test(value)) continue; // skipped, never thrown on
     switch (lower) {
-      case 'connection':
-        if (!isPlainConnectionValue(value)) connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
-        continue;
       case 'keep-alive':
       case 'proxy-connection':
       case 'te':
@@ -304,7 +307,7 @@ export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2
         if (noLength) continue;
         break;
     }
-    if (!TOKEN.test(name) || INVALID_VALUE_CHAR.test(value)) continue;
+    if (!TOKEN.test(name)) continue;
     list.push(http2 ? lower : name, value);
   }
   if (connectionTokens !== '') removeConnectionListed(list, connectionTokens);
