@@ -164,6 +164,9 @@ export function sendProxyError(res: ClientResponse, failure: ProxyFailure, reque
   }
 }
 
+/** Response bytes queued for a client before the upstream is paused (bytes). */
+const RESPONSE_BUFFER = 256 * 1024;
+
 const kExchange = Symbol('gatehouse.proxyExchange');
 
 interface ExchangeCarrier {
@@ -316,7 +319,11 @@ class ProxyExchange implements ForwardOutcome {
   onData(chunk: Buffer): boolean {
     this.bytesOut += chunk.length;
     if (this.clientGone) return true;
-    if ((this.res as ServerResponse).write(chunk)) return true;
+    const res = this.res as ServerResponse;
+    // Keep reading while less than RESPONSE_BUFFER is queued for the client, though write() says
+    // false past the socket's 16 KiB mark: pausing the upstream for each 64 KiB chunk costs a
+    // readStop/readStart pair and an event-loop turn per chunk on large bodies.
+    if (res.write(chunk) || res.writableLength < RESPONSE_BUFFER) return true;
     if (!this.drainListening) {
       this.drainListening = true;
       this.res.on('drain', onClientDrain);
