@@ -376,6 +376,11 @@ export const configSchema = z.strictObject({
   }).prefault({}),
   /** Time in-flight requests get to finish on SIGTERM/SIGINT before connections are closed (ms). Default `10s`. */
   grace_period: duration.default(10_000),
+  /** Processes serving the listeners: `auto` = one per CPU core, or a number. Default 1 (one
+   * process, no supervisor). With more than one, a primary process forks the workers (node:cluster,
+   * listeners shared), forwards SIGTERM/SIGINT/SIGHUP/SIGUSR1 to each and restarts a dead one
+   * with backoff; the certificate storage folder is shared (see src/workers.ts). */
+  workers: z.union([z.literal('auto'), z.number().int().min(1).max(1024)]).default(1),
   /** The admin API on `listen.admin`. */
   admin: z.strictObject({
     /** Bearer token every admin request must carry (`Authorization: Bearer TOKEN`). Default: none
