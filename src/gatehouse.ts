@@ -202,6 +202,11 @@ export class Gatehouse {
     return this.#store;
   }
 
+  /** The ACME issuer, when a site uses `tls: acme` or `tls.on_demand` is set (workers share its challenges). */
+  get acme(): AcmeIssuer | undefined {
+    return this.#issuers.acme;
+  }
+
   /** The runtime being served (routes, upstreams). */
   get runtime(): Runtime {
     return this.#runtime;
