@@ -157,7 +157,7 @@ export class Gatehouse {
     const acme = needsAcme(config)
       ? await AcmeIssuer.fromConfig(config.tls, { storage, logger: logger.child({ logger: 'tls' }), onCertificate: (c) => store.put(c) })
       : undefined;
-    const runtime = buildRuntime(config.sites, logger.child({ logger: 'upstream' }));
+    const runtime = buildRuntime(config.sites, logger);
     const gatehouse = new Gatehouse(config, logger, store, { internal, acme }, staticCertificates, runtime);
     store.setPolicy((name) => gatehouse.#obtainPolicy(name));
     try {
@@ -310,7 +310,7 @@ export class Gatehouse {
     const old = { config: this.#config, runtime: this.#runtime };
     // Provision: everything that can fail.
     const staticCertificates = await loadStaticCertificates(config.tls.certificates);
-    const runtime = buildRuntime(config.sites, this.#logger.child({ logger: 'upstream' }));
+    const runtime = buildRuntime(config.sites, this.#logger);
     const opened: Listeners = { https: undefined, http: undefined, admin: undefined };
     const openedAddresses: Gatehouse['addresses'] = {};
     const closing: Listeners = { https: undefined, http: undefined, admin: undefined };
