@@ -17,7 +17,7 @@ import { Client } from 'undici';
 import { forward, type ForwardOutcome } from '../src/proxy/forward.js';
 import { generateRequestId, toClientResponseHeaders, toUpstreamRequestHeaders, newRequestHeadFacts } from '../src/proxy/headers.js';
 import { classifyUpstreamError } from '../src/proxy/errors.js';
-import { Upstream, selectRoundRobin } from '../src/upstream/pool.js';
+import { Upstream } from '../src/upstream/pool.js';
 import {
   sizedBodyChunks, sizedBodySha256, startEchoUpstream, startRawUpstream, startSilentUpstream, startSizedUpstream,
   type EchoReport,
@@ -526,22 +526,6 @@ describe('header translation', () => {
     assert.equal(classifyUpstreamError(Object.assign(new Error('x'), { code: 'UND_ERR_HEADERS_TIMEOUT' })).status, 504);
     assert.equal(classifyUpstreamError(new AggregateError([Object.assign(new Error('x'), { code: 'ECONNREFUSED' })])).code, 'GH_UPSTREAM_REFUSED');
     assert.equal(classifyUpstreamError(new Error('?')).status, 502);
-  });
-
-  test('selectRoundRobin rotates and skips unavailable upstreams', async () => {
-    const a = new Upstream('http://127.0.0.1:1');
-    const b = new Upstream('http://127.0.0.1:2');
-    try {
-      const picks = [selectRoundRobin([a, b]), selectRoundRobin([a, b])];
-      assert.notEqual(picks[0], picks[1]);
-      b.available = false;
-      assert.equal(selectRoundRobin([a, b]), a);
-      assert.equal(selectRoundRobin([a, b]), a);
-      a.available = false;
-      assert.equal(selectRoundRobin([a, b]), undefined);
-    } finally {
-      await Promise.all([a.destroy(), b.destroy()]);
-    }
   });
 });
 

@@ -100,22 +100,3 @@ export class Upstream {
     return this.pool.destroy();
   }
 }
-
-let roundRobinCounter = 0;
-
-/**
- * Picks the next available upstream in round-robin order, skipping those with `available === false`.
- * A stand-in for `upstream/balancer.ts` (`select(upstreams, ctx)`), which replaces it.
- *
- * @returns the chosen upstream, or `undefined` when none is available (answer 502/503).
- */
-export function selectRoundRobin(upstreams: readonly Upstream[]): Upstream | undefined {
-  const n = upstreams.length;
-  if (n === 1) return upstreams[0]!.available ? upstreams[0] : undefined;
-  for (let i = 0; i < n; i++) {
-    const candidate = upstreams[roundRobinCounter++ % n]!;
-    if (roundRobinCounter > 0x3fffffff) roundRobinCounter = 0;
-    if (candidate.available) return candidate;
-  }
-  return undefined;
-}
