@@ -18,6 +18,7 @@ import { quickConfig } from './config/quick.js';
 import type { GatehouseConfig } from './config/schema.js';
 import { Gatehouse } from './gatehouse.js';
 import { createLogger, flushLogger } from './observability/log.js';
+import { isWorker, runPrimary, shareAcmeChallenges, workerCount } from './workers.js';
 
 const USAGE = `Usage:
   gatehouse [run] [--config FILE]      run the edge server (default FILE: config/gatehouse.yaml,
@@ -95,6 +96,8 @@ async function main(argv: string[]): Promise<number> {
   }
 
   const logger = createLogger({ level: config.log.level, format: config.log.format });
+  const workers = workerCount(config.workers);
+  if (workers > 1 && !isWorker()) return await runPrimary(workers, config.grace_period, logger);
   let gatehouse: Gatehouse;
   try {
     gatehouse = await Gatehouse.start(config, logger);
@@ -104,6 +107,7 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`gatehouse: cannot start: ${(error as Error).message}\n`);
     return 1;
   }
+  if (isWorker() && gatehouse.acme !== undefined) shareAcmeChallenges(gatehouse.acme);
 
   return await new Promise<number>((resolveExit) => {
     let stopping = false;
