@@ -263,7 +263,7 @@ sites:
   });
 
   it('echoes text and binary messages', async () => {
-    const client = new WebSocket(`wss://localhost:${gh.httpsPort}/ws/echo`, { ca, servername: 'localhost' });
+    const client = new WebSocket(`wss://localhost:${gh.httpsPort}/ws/echo`, { ca });
     try {
       await new Promise((resolve, reject) => { client.once('open', resolve); client.once('error', reject); });
       const next = () => new Promise<{ data: Buffer; binary: boolean }>((resolve) => client.once('message', (data: Buffer, binary: boolean) => resolve({ data, binary })));
