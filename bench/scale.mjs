@@ -1,0 +1,267 @@
+// Gatehouse at scale: many sites and certificates, many idle TLS connections. See bench/README.md.
+//
+//   node bench/scale.mjs            (after npm run build; needs nginx, wrk, h2load, taskset)
+//
+// Environment: SCALE_SITES (default 10000), SCALE_CERTS (default = SCALE_SITES, one static
+// certificate per site), SCALE_CONNECTIONS (idle TLS connections, default 10000), SCALE_DURATION
+// (seconds per throughput measurement, default 5).
+//
+// 1. Generates SCALE_CERTS certificates (a CA, then one P-256 leaf and key per site) and writes
+//    two configs: one site, and SCALE_SITES sites each with its own static certificate.
+// 2. Start-up: spawn → first 200 answered for the last site, for each config (best of 2).
+// 3. Routing: wrk (plain h1) and h2load (HTTPS h1, SNI = the site) on a site in the middle, with
+//    one site and with SCALE_SITES sites: req/s of each.
+// 4. Idle connections: with SCALE_SITES sites, a separate node process opens SCALE_CONNECTIONS
+//    TLS connections (each a full handshake and one keep-alive request), leaves them idle; the
+//    cost is (RSS after − RSS before) / connections.
+// Gatehouse runs on CPU 1, the load and the backend (nginx, one worker) on CPU 0. Everything
+// listens on 127.0.0.1; every process is stopped by pid and the temp dir removed at exit.
+import { spawn, execFileSync } from 'node:child_process';
+import { generateKeyPairSync, X509Certificate } from 'node:crypto';
+import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
+import { createServer, connect as netConnect } from 'node:net';
+import { tmpdir, cpus } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import tls from 'node:tls';
+
+const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
+const ROOT = dirname(BENCH_DIR);
+
+if (process.argv[2] === '--idle-client') await idleClient(process.argv.slice(3));
+else await main();
+
+async function main() {
+  const SITES = Number(process.env.SCALE_SITES ?? 10_000);
+  const CERTS = Math.min(SITES, Number(process.env.SCALE_CERTS ?? SITES));
+  const CONNECTIONS = Number(process.env.SCALE_CONNECTIONS ?? 10_000);
+  const DURATION = Number(process.env.SCALE_DURATION ?? 5);
+  const cpuLoad = '0';
+  const cpuProxy = cpus().length > 1 ? '1' : '0';
+  const tmp = mkdtempSync(join(tmpdir(), 'gatehouse-scale-'));
+  chmodSync(tmp, 0o755);
+  const children = new Set();
+  const cleanup = () => {
+    for (const child of children) try { process.kill(child.pid, 'SIGKILL'); } catch { /* gone */ }
+    if (process.env.SCALE_KEEP) process.stderr.write(`kept ${tmp}\n`);
+    else rmSync(tmp, { recursive: true, force: true });
+  };
+  process.on('exit', cleanup);
+  process.on('SIGINT', () => process.exit(130));
+  process.on('SIGTERM', () => process.exit(143));
+  const log = (message) => process.stderr.write(`[scale ${new Date().toISOString().slice(11, 19)}] ${message}\n`);
+  const start = (name, command, args) => {
+    const child = spawn('bash', ['-c', 'ulimit -n "$(ulimit -Hn)"; exec "$@"', 'bash', command, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    children.add(child);
+    child.output = '';
+    child.stdout.on('data', (d) => { child.output = (child.output + d).slice(-4000); });
+    child.stderr.on('data', (d) => { child.output = (child.output + d).slice(-4000); });
+    child.on('exit', () => children.delete(child));
+    child.label = name;
+    return child;
+  };
+  const stop = async (child) => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    child.kill('SIGTERM');
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+    await exited;
+    clearTimeout(timer);
+  };
+
+  // --- certificates ---
+  const { signCertificate } = await import(join(ROOT, 'dist/tls/local-ca.js'));
+  let t0 = performance.now();
+  const caKeys = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const now = Date.now();
+  const caPem = signCertificate({ subject: { commonName: 'Scale Bench CA' }, publicKey: caKeys.publicKey, notBefore: new Date(now - 60_000), notAfter: new Date(now + 7 * 86_400_000), ca: { pathLength: 0 } }, { privateKey: caKeys.privateKey });
+  const ca = { privateKey: caKeys.privateKey, certificate: new X509Certificate(caPem) };
+  mkdirSync(join(tmp, 'certs'));
+  const siteName = (i) => `site${i}.scale.test`;
+  const certFiles = [];
+  for (let i = 0; i < CERTS; i++) {
+    const keys = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    const pem = signCertificate({ subject: {}, names: [siteName(i)], publicKey: keys.publicKey, notBefore: new Date(now - 60_000), notAfter: new Date(now + 7 * 86_400_000) }, ca);
+    const cert = join(tmp, 'certs', `${i}.crt`);
+    const key = join(tmp, 'certs', `${i}.key`);
+    writeFileSync(cert, pem + caPem);
+    writeFileSync(key, keys.privateKey.export({ type: 'pkcs8', format: 'pem' }));
+    certFiles.push({ cert, key });
+  }
+  log(`${CERTS} certificates generated in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+
+  // --- backend ---
+  const [backendPort, backendTlsPort, plainPort, tlsPort] = await freePorts(4);
+  mkdirSync(join(tmp, 'www'));
+  writeFileSync(join(tmp, 'www', '1k'), Buffer.alloc(1024, 'x'));
+  const render = (template, values) => {
+    let text = readFileSync(join(BENCH_DIR, 'templates', template), 'utf8');
+    for (const [k, v] of Object.entries(values)) text = text.replaceAll(`@${k}@`, String(v));
+    return text;
+  };
+  writeFileSync(join(tmp, 'backend.conf'), render('backend-nginx.conf', { TMP: tmp, BACKEND_PORT: backendPort, BACKEND_TLS_PORT: backendTlsPort, CERT: certFiles[0].cert, KEY: certFiles[0].key }));
+  const backend = start('backend', 'taskset', ['-c', cpuLoad, 'nginx', '-p', tmp, '-c', join(tmp, 'backend.conf'), '-e', join(tmp, 'backend-error.log')]);
+  await waitFor(async () => (await httpStatus(backendPort, 'x', '/1k')) === 200, 10_000, () => backend.output);
+
+  // --- configs ---
+  const middle = Math.floor(SITES / 2);
+  const config = (siteIndexes, certIndexes) => [
+    'listen:', `  http: "127.0.0.1:${plainPort}"`, `  https: "127.0.0.1:${tlsPort}"`,
+    'grace_period: 1s',
+    'clients:', '  timeouts: { keepalive: 10m, idle: 10m }',
+    'tls:', `  storage: ${join(tmp, 'storage')}`, '  certificates:',
+    ...certIndexes.map((i) => `    - { cert: ${certFiles[i].cert}, key: ${certFiles[i].key} }`),
+    'log: { level: info, access: false }',
+    'sites:',
+    ...siteIndexes.map((i) => `  - { hosts: [${siteName(i)}], tls: ${i < CERTS ? 'static' : 'internal'}, redirect: false, routes: [{ path: /, upstreams: ["http://127.0.0.1:${backendPort}"] }] }`),
+  ].join('\n') + '\n';
+  const all = Array.from({ length: SITES }, (_, i) => i);
+  const oneCert = middle < CERTS ? [middle] : [0];
+  writeFileSync(join(tmp, 'one.yaml'), config([middle], oneCert));
+  writeFileSync(join(tmp, 'many.yaml'), config(all, all.slice(0, CERTS)));
+
+  const startGatehouse = async (file, probeHost) => {
+    const began = performance.now();
+    const child = start('gatehouse', 'taskset', ['-c', cpuProxy, process.execPath, 'dist/cli.js', 'run', '--config', file]);
+    await waitFor(async () => (await httpStatus(plainPort, probeHost, '/1k')) === 200, 60_000, () => child.output);
+    const ms = performance.now() - began;
+    const serving = /"msg":"serving"/.test(child.output);
+    return { child, ms, serving };
+  };
+
+  const results = { sites: SITES, certs: CERTS };
+  if (process.env.SCALE_ONLY_CONFIG) { await stop(backend); return; }
+  // Start-up, best of two (the first run also warms the file cache).
+  for (const [label, file, host] of [['one', 'one.yaml', siteName(middle)], ['many', 'many.yaml', siteName(SITES - 1)]]) {
+    let best = Infinity;
+    for (let round = 0; round < 2; round++) {
+      const { child, ms } = await startGatehouse(join(tmp, file), host);
+      best = Math.min(best, ms);
+      await stop(child);
+    }
+    results[`startup_${label}_ms`] = Math.round(best);
+    log(`start-up with ${label === 'one' ? '1 site' : `${SITES} sites, ${CERTS} certificates`}: ${Math.round(best)} ms (spawn → first 200)`);
+  }
+
+  // Routing throughput: 1 site vs SITES sites, same site name, same certificate.
+  for (const [label, file] of [['one', 'one.yaml'], ['many', 'many.yaml'], ['one', 'one.yaml'], ['many', 'many.yaml']]) {
+    const { child } = await startGatehouse(join(tmp, file), siteName(middle));
+    const wrk = run('taskset', ['-c', cpuLoad, 'wrk', '-t1', '-c50', `-d${DURATION}`, '-H', `Host: ${siteName(middle)}`, `http://127.0.0.1:${plainPort}/1k`]);
+    const h1 = Number(/Requests\/sec:\s+([\d.]+)/.exec(wrk)?.[1] ?? NaN);
+    const h2load = run('taskset', ['-c', cpuLoad, 'h2load', '--h1', '-c50', '-m1', '-D', String(DURATION), `--connect-to=127.0.0.1:${tlsPort}`, `https://${siteName(middle)}:${tlsPort}/1k`]);
+    const tlsRate = Number(/finished in [\d.]+s, ([\d.]+) req\/s/.exec(h2load)?.[1] ?? NaN);
+    const ok = /(\d+) succeeded/.exec(h2load)?.[1];
+    for (const [key, value] of [[`h1_${label}`, h1], [`h1_tls_${label}`, tlsRate]]) {
+      results[key] = Math.max(results[key] ?? 0, Math.round(value));
+    }
+    log(`${label === 'one' ? '1 site' : `${SITES} sites`}: plain h1 ${Math.round(h1)} req/s, HTTPS h1 ${Math.round(tlsRate)} req/s (${ok ?? '?'} succeeded)`);
+    await stop(child);
+  }
+
+  // Idle TLS keep-alive connections.
+  {
+    const { child } = await startGatehouse(join(tmp, 'many.yaml'), siteName(middle));
+    await sleep(2000);
+    const before = rssKiB(child.pid);
+    const client = start('idle-client', 'taskset', ['-c', cpuLoad, process.execPath, join(BENCH_DIR, 'scale.mjs'), '--idle-client', String(tlsPort), String(CONNECTIONS), String(SITES)]);
+    t0 = performance.now();
+    await waitFor(async () => /ready/.test(client.output), 600_000, () => client.output, 500);
+    const openSeconds = (performance.now() - t0) / 1000;
+    await sleep(3000);
+    const after = rssKiB(child.pid);
+    const opened = Number(/ready (\d+)/.exec(client.output)?.[1] ?? 0);
+    const perConnection = (after - before) / opened;
+    results.idle_connections = opened;
+    results.rss_before_kib = before;
+    results.rss_after_kib = after;
+    results.kib_per_idle_tls_connection = Number(perConnection.toFixed(1));
+    log(`${opened} idle TLS connections (opened in ${openSeconds.toFixed(1)} s): RSS ${before} → ${after} KiB, ${perConnection.toFixed(1)} KiB per connection`);
+    await stop(client);
+    await stop(child);
+  }
+  await stop(backend);
+  process.stdout.write(`${JSON.stringify(results)}\n`);
+  process.stdout.write([
+    '', `| Measure | 1 site | ${SITES} sites, ${CERTS} certificates |`, '|---|---:|---:|',
+    `| Start-up, spawn → first 200 (ms) | ${results.startup_one_ms} | ${results.startup_many_ms} |`,
+    `| Plain HTTP/1.1 keep-alive 1 KiB (req/s) | ${results.h1_one} | ${results.h1_many} |`,
+    `| HTTPS HTTP/1.1 keep-alive 1 KiB, SNI (req/s) | ${results.h1_tls_one} | ${results.h1_tls_many} |`,
+    `| Idle TLS keep-alive connections: RSS per connection (KiB) | | ${results.kib_per_idle_tls_connection} (${results.idle_connections} connections, ${results.rss_before_kib} → ${results.rss_after_kib} KiB) |`,
+    '',
+  ].join('\n'));
+}
+
+/** The separate client process: open N TLS connections (SNI spread over the sites), one request each, keep them open. */
+async function idleClient([port, count, sites]) {
+  const n = Number(count);
+  const secureContext = tls.createSecureContext();
+  const request = (host) => Buffer.from(`GET /1k HTTP/1.1\r\nHost: ${host}\r\n\r\n`);
+  const sockets = [];
+  let next = 0;
+  let opened = 0;
+  let failed = 0;
+  const openOne = () => new Promise((resolve) => {
+    const i = next++;
+    const host = `site${i % Number(sites)}.scale.test`;
+    const socket = tls.connect({ host: '127.0.0.1', port: Number(port), servername: host, ALPNProtocols: ['http/1.1'], rejectUnauthorized: false, secureContext }, () => socket.write(request(host)));
+    let got = 0;
+    const done = (ok) => { if (ok) opened++; else failed++; resolve(); };
+    socket.on('data', (chunk) => { got += chunk.length; if (got >= 1024 && got - chunk.length < 1024) done(true); });
+    socket.on('error', () => { if (got < 1024) done(false); });
+    sockets.push(socket);
+  });
+  const worker = async () => { while (next < n) await openOne(); };
+  await Promise.all(Array.from({ length: 64 }, worker));
+  process.stdout.write(`ready ${opened} failed ${failed}\n`);
+  setInterval(() => {}, 1 << 30);
+}
+
+function rssKiB(pid) {
+  return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
+}
+
+function run(command, args) {
+  try {
+    return execFileSync(command, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 1 << 24 });
+  } catch (error) {
+    return `${error.stdout ?? ''}${error.stderr ?? ''}`;
+  }
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+async function waitFor(check, timeoutMs, describe, interval = 25) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (await check().catch(() => false)) return;
+    await sleep(interval);
+  }
+  throw new Error(`timed out: ${describe()}`);
+}
+
+function httpStatus(port, host, path) {
+  return new Promise((resolve) => {
+    const socket = netConnect(port, '127.0.0.1', () => socket.end(`GET ${path} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`));
+    let head = '';
+    socket.setEncoding('latin1');
+    socket.on('data', (d) => { head += d; });
+    socket.on('close', () => resolve(Number(/^HTTP\/1\.1 (\d{3})/.exec(head)?.[1] ?? 0)));
+    socket.on('error', () => resolve(0));
+  });
+}
+
+function freePorts(n) {
+  return new Promise((resolve) => {
+    const servers = [];
+    const ports = [];
+    const next = () => {
+      if (ports.length === n) { for (const s of servers) s.close(); resolve(ports); return; }
+      const s = createServer();
+      servers.push(s);
+      s.listen(0, '127.0.0.1', () => { ports.push(s.address().port); next(); });
+    };
+    next();
+  });
+}
