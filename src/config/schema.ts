@@ -314,6 +314,9 @@ const log = z.strictObject({
   redact: z.array(z.string().regex(/^[!#$%&'*+\-.^_`|~0-9a-z]+$/, 'expected a lowercase header name')).default(['authorization', 'cookie', 'set-cookie', 'proxy-authorization']),
 });
 
+/** A client deadline: a duration of at least 100 ms (0 would turn a deadline off, or fire at once). */
+const deadline = duration.refine((ms) => ms >= 100, 'expected a duration of at least 100ms');
+
 /**
  * Deadlines for client connections, on both listeners. Node's HTTP/2 server sets none of these by
  * default, and its HTTP/1 fallback takes them from the server object, not from options: the
@@ -321,20 +324,20 @@ const log = z.strictObject({
  */
 const clientTimeouts = z.strictObject({
   /** TLS handshake (ms): a connection that has not finished it is closed. Default `10s` (Node: 120 s). */
-  handshake: duration.default(10_000),
+  handshake: deadline.default(10_000),
   /** Request header deadline (ms), from the first byte of a request (HTTP/1) or while a session owes
    * an answer to a PING (HTTP/2: a header block left open blocks every frame, PING ACK included);
    * HTTP/1 gets 408 and the connection is closed. Default `10s` (Node: 60 s; nginx `client_header_timeout` 60 s). */
-  headers: duration.default(10_000),
+  headers: deadline.default(10_000),
   /** Longest gap between two chunks of a request body (ms); 408 before the answer started, else the
    * connection (HTTP/1) or stream (HTTP/2) is closed. Default `30s`. There is no total deadline, so
    * long uploads that keep moving are never cut. */
-  body_idle: duration.default(30_000),
+  body_idle: deadline.default(30_000),
   /** An HTTP/1.1 keep-alive connection idle between requests is closed after this (ms). Default `5s`
    * (Node's default for `http`, which its HTTP/2 server does not apply to HTTP/1 connections). */
-  keepalive: duration.default(5_000),
+  keepalive: deadline.default(5_000),
   /** An HTTP/2 session with no open stream is closed (GOAWAY) after this (ms). Default `2m` (nginx `keepalive_timeout` 75 s, Caddy 5 m). */
-  idle: duration.default(120_000),
+  idle: deadline.default(120_000),
 });
 export type ClientTimeoutsConfig = z.output<typeof clientTimeouts>;
 
