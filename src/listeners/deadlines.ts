@@ -36,6 +36,10 @@ export function applyHttp1Deadlines(server: HttpServer | Http2SecureServer, clie
   // Node checks header deadlines on an interval (30 s by default): check often enough to be on time.
   target.connectionsCheckingInterval = checkingInterval(timeouts.headers);
   target.keepAliveTimeout = timeouts.keepalive;
+  // Node closes an idle connection this much after the advertised `Keep-Alive: timeout` (a fixed
+  // 1 s in Node 20; the `keepAliveTimeoutBuffer` property in later versions, which they add to
+  // `keepAliveTimeout` without a default on the HTTP/2 server): set it, never leave it undefined.
+  if (target.keepAliveTimeoutBuffer === undefined) target.keepAliveTimeoutBuffer = 1_000;
   target.maxHeaderSize = limits.header_size;
   // One more than the limit, so that the guard sees the excess and answers 431 (Node drops extra fields silently).
   target.maxHeadersCount = limits.header_count + 1;
