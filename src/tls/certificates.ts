@@ -11,7 +11,7 @@
  * listener's own context, not those of the context picked by SNI, so both carry
  * {@link TLS_SERVER_OPTIONS}.
  */
-import { readFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
 import { createSecureContext, type SecureContext, type SecureContextOptions, type Server as TlsServer } from 'node:tls';
 import { randomBytes } from 'node:crypto';
 import { LRUCache } from 'lru-cache';
@@ -532,28 +532,25 @@ export function covers(certificate: Certificate, host: string): boolean {
  *   {@link certificateFromPem}; the message names the file.
  */
 export async function loadStaticCertificates(entries: readonly { readonly cert: string; readonly key: string }[]): Promise<Certificate[]> {
-  // Parallel reads, but a bounded number of files open at once: 10 000 certificates read all at
-  // once would open 20 000 files and fail with EMFILE under the usual limit of 1024.
-  const certificates: Certificate[] = new Array<Certificate>(entries.length);
-  let next = 0;
-  const readNext = async (): Promise<void> => {
-    while (next < entries.length) {
-      const index = next++;
-      const { cert, key } = entries[index]!;
-      const [certPem, keyPem] = await Promise.all([readText(cert), readText(key)]);
-      certificates[index] = certificateFromPem(certPem, keyPem, 'static', { certFile: cert, keyFile: key });
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(STATIC_READS_IN_PARALLEL, entries.length) }, readNext));
+  // Synchronous reads in batches, yielding to the event loop between batches (a reload must not
+  // stall the connections being served): 20 000 small files take ~0.15 s this way against ~1.3 s
+  // through fs/promises (a FileHandle, fstat and close per file, each a thread-pool round trip),
+  // and only two files are open at any time (10 000 certificates once failed with EMFILE).
+  const certificates: Certificate[] = [];
+  for (let index = 0; index < entries.length; index++) {
+    if (index > 0 && index % STATIC_BATCH === 0) await new Promise<void>((resolve) => setImmediate(resolve));
+    const { cert, key } = entries[index]!;
+    certificates.push(certificateFromPem(readText(cert), readText(key), 'static', { certFile: cert, keyFile: key }));
+  }
   return certificates;
 }
 
-/** Certificates read at the same time by {@link loadStaticCertificates} (two files each). */
-const STATIC_READS_IN_PARALLEL = 64;
+/** Certificates read and parsed by {@link loadStaticCertificates} between two yields (~3 ms). */
+const STATIC_BATCH = 128;
 
-async function readText(file: string): Promise<string> {
+function readText(file: string): string {
   try {
-    return await readFile(file, 'utf8');
+    return readFileSync(file, 'utf8');
   } catch (error) {
     throw new CertificateError('GH_TLS_FILE_UNREADABLE', `cannot read ${file}: ${(error as Error).message}`, { file, cause: error });
   }
