@@ -45,8 +45,15 @@ export class Upstream {
   readonly origin: string;
   /** Relative weight (>= 1). */
   readonly weight: number;
-  /** The undici connection pool; dispatch requests on it with `pool.dispatch(options, handler)`. */
-  readonly pool: Pool;
+  /**
+   * The undici connection pool; dispatch requests on it with `pool.dispatch(options, handler)`.
+   * Built on first use: a config with 10 000 routes builds none at start-up (~17 µs each), and
+   * routes never requested never build one.
+   */
+  get pool(): Pool {
+    this.#pool ??= new Pool(this.origin, this.#poolOptions);
+    return this.#pool;
+  }
   /** The timeouts the pool was built with (ms). */
   readonly timeouts: UpstreamTimeouts;
   /** `true` for `https://` upstreams. */
@@ -60,6 +67,8 @@ export class Upstream {
   inFlight = 0;
   /** False when health checks or the circuit breaker took this upstream out of rotation. */
   available = true;
+  #pool: Pool | undefined;
+  readonly #poolOptions: Pool.Options;
 
   /**
    * @param origin upstream origin URL (`http:` or `https:`, no path).
@@ -79,7 +88,7 @@ export class Upstream {
     this.timeouts = options.timeouts ?? DEFAULT_UPSTREAM_TIMEOUTS;
     this.tls = options.tls;
     const t = this.timeouts;
-    this.pool = new Pool(this.origin, {
+    this.#poolOptions = {
       pipelining: 1,
       connections: options.connections ?? null,
       keepAliveTimeout: t.keepalive,
@@ -87,16 +96,16 @@ export class Upstream {
       headersTimeout: t.response_header,
       bodyTimeout: t.body_idle,
       connect: { timeout: t.connect, ...(options.tls ?? {}) },
-    });
+    };
   }
 
   /** Finishes queued and running requests, then closes every connection. */
   close(): Promise<void> {
-    return this.pool.close();
+    return this.#pool?.close() ?? Promise.resolve();
   }
 
   /** Aborts running requests and closes every connection now. */
   destroy(): Promise<void> {
-    return this.pool.destroy();
+    return this.#pool?.destroy() ?? Promise.resolve();
   }
 }
