@@ -302,7 +302,7 @@ class ProxyExchange implements ForwardOutcome {
     this.resumeUpstream = resume;
     this.target.group?.reportResponse(this.current, statusCode, performance.now() - this.attemptAt);
     if (this.clientGone) return true;
-    const headers = toClientResponseHeaders(rawHeaders, this.http2, this.requestId);
+    const headers = toClientResponseHeaders(rawHeaders, this.http2, this.requestId, statusCode);
     const extra = this.target.responseHeaders;
     if (this.setCookie !== undefined || extra !== undefined) addResponseHeaders(headers, this.http2, this.setCookie, extra);
     try {
@@ -348,6 +348,12 @@ class ProxyExchange implements ForwardOutcome {
 
   onError(error: Error): void {
     if (this.finished) return;
+    // undici compares Content-Length with the body read even for 204 and 304, which have none
+    // (RFC 9110 §8.6 allows it on a 304): the answer the client got is complete.
+    if (this.headersSent && (this.status === 204 || this.status === 304) && (error as { code?: unknown }).code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH') {
+      this.onComplete(null);
+      return;
+    }
     const group = this.target.group;
     if (group !== undefined) {
       if (this.clientGone || this.bodyTooLarge) {
