@@ -121,6 +121,6 @@ export function h2Connect(port: number, options: { servername?: string; preface?
 }
 
 /** Request fields for a GET. */
-export function getFields(authority: string, path = '/', extra: readonly (readonly [string, string])[] = []): [string, string][] {
+export function getFields(authority: string, path = '/', extra: readonly (readonly [string, string])[] = []): (readonly [string, string])[] {
   return [[':method', 'GET'], [':scheme', 'https'], [':authority', authority], [':path', path], ...extra];
 }
