@@ -13,7 +13,7 @@
 //    one site and with SCALE_SITES sites: req/s of each.
 // 4. Idle connections: with SCALE_SITES sites, a separate node process opens SCALE_CONNECTIONS
 //    TLS connections (each a full handshake and one keep-alive request), leaves them idle; the
-//    cost is (RSS after − RSS before) / connections.
+//    cost is (RSS after − RSS before) / connections. Once with ALPN http/1.1, once with h2.
 // Gatehouse runs on CPU 1, the load and the backend (nginx, one worker) on CPU 0. Everything
 // listens on 127.0.0.1; every process is stopped by pid and the temp dir removed at exit.
 import { spawn, execFileSync } from 'node:child_process';
@@ -143,6 +143,8 @@ async function main() {
     log(`start-up with ${label === 'one' ? '1 site' : `${SITES} sites, ${CERTS} certificates`}: ${Math.round(best)} ms (spawn → first 200)`);
   }
 
+  if (process.env.SCALE_ONLY_STARTUP) { await stop(backend); process.stdout.write(`${JSON.stringify(results)}\n`); return; }
+
   // Routing throughput: 1 site vs SITES sites, same site name, same certificate.
   for (const [label, file] of [['one', 'one.yaml'], ['many', 'many.yaml'], ['one', 'one.yaml'], ['many', 'many.yaml']]) {
     const { child } = await startGatehouse(join(tmp, file), siteName(middle));
@@ -158,12 +160,13 @@ async function main() {
     await stop(child);
   }
 
-  // Idle TLS keep-alive connections.
-  {
+  // Idle TLS keep-alive connections: HTTP/1.1, then HTTP/2 (one session and one finished stream each).
+  for (const protocol of ['http/1.1', 'h2']) {
+    const key = protocol === 'h2' ? 'h2' : 'h1';
     const { child } = await startGatehouse(join(tmp, 'many.yaml'), siteName(middle));
     await sleep(2000);
     const before = rssKiB(child.pid);
-    const client = start('idle-client', 'taskset', ['-c', cpuLoad, process.execPath, join(BENCH_DIR, 'scale.mjs'), '--idle-client', String(tlsPort), String(CONNECTIONS), String(SITES)]);
+    const client = start('idle-client', 'taskset', ['-c', cpuLoad, process.execPath, join(BENCH_DIR, 'scale.mjs'), '--idle-client', String(tlsPort), String(CONNECTIONS), String(SITES), protocol]);
     t0 = performance.now();
     await waitFor(async () => /ready/.test(client.output), 600_000, () => client.output, 500);
     const openSeconds = (performance.now() - t0) / 1000;
@@ -171,11 +174,11 @@ async function main() {
     const after = rssKiB(child.pid);
     const opened = Number(/ready (\d+)/.exec(client.output)?.[1] ?? 0);
     const perConnection = (after - before) / opened;
-    results.idle_connections = opened;
-    results.rss_before_kib = before;
-    results.rss_after_kib = after;
-    results.kib_per_idle_tls_connection = Number(perConnection.toFixed(1));
-    log(`${opened} idle TLS connections (opened in ${openSeconds.toFixed(1)} s): RSS ${before} → ${after} KiB, ${perConnection.toFixed(1)} KiB per connection`);
+    results[`idle_${key}_connections`] = opened;
+    results[`idle_${key}_rss_before_kib`] = before;
+    results[`idle_${key}_rss_after_kib`] = after;
+    results[`kib_per_idle_${key}_tls_connection`] = Number(perConnection.toFixed(1));
+    log(`${opened} idle TLS ${protocol} connections (opened in ${openSeconds.toFixed(1)} s): RSS ${before} → ${after} KiB, ${perConnection.toFixed(1)} KiB per connection`);
     await stop(client);
     await stop(child);
   }
@@ -186,14 +189,15 @@ async function main() {
     `| Start-up, spawn → first 200 (ms) | ${results.startup_one_ms} | ${results.startup_many_ms} |`,
     `| Plain HTTP/1.1 keep-alive 1 KiB (req/s) | ${results.h1_one} | ${results.h1_many} |`,
     `| HTTPS HTTP/1.1 keep-alive 1 KiB, SNI (req/s) | ${results.h1_tls_one} | ${results.h1_tls_many} |`,
-    `| Idle TLS keep-alive connections: RSS per connection (KiB) | | ${results.kib_per_idle_tls_connection} (${results.idle_connections} connections, ${results.rss_before_kib} → ${results.rss_after_kib} KiB) |`,
+    ...['h1', 'h2'].map((key) => `| Idle TLS keep-alive connections, ${key === 'h1' ? 'HTTP/1.1' : 'HTTP/2'}: RSS per connection (KiB) | | ${results[`kib_per_idle_${key}_tls_connection`]} (${results[`idle_${key}_connections`]} connections, ${Math.round(results[`idle_${key}_rss_before_kib`] / 1024)} → ${Math.round(results[`idle_${key}_rss_after_kib`] / 1024)} MiB) |`),
     '',
   ].join('\n'));
 }
 
 /** The separate client process: open N TLS connections (SNI spread over the sites), one request each, keep them open. */
-async function idleClient([port, count, sites]) {
+async function idleClient([port, count, sites, protocol = 'http/1.1']) {
   const n = Number(count);
+  if (protocol === 'h2') return idleClientH2(Number(port), n, Number(sites));
   const secureContext = tls.createSecureContext();
   const request = (host) => Buffer.from(`GET /1k HTTP/1.1\r\nHost: ${host}\r\n\r\n`);
   const sockets = [];
@@ -209,6 +213,31 @@ async function idleClient([port, count, sites]) {
     socket.on('data', (chunk) => { got += chunk.length; if (got >= 1024 && got - chunk.length < 1024) done(true); });
     socket.on('error', () => { if (got < 1024) done(false); });
     sockets.push(socket);
+  });
+  const worker = async () => { while (next < n) await openOne(); };
+  await Promise.all(Array.from({ length: 64 }, worker));
+  process.stdout.write(`ready ${opened} failed ${failed}\n`);
+  setInterval(() => {}, 1 << 30);
+}
+
+/** The same over HTTP/2: N sessions, one request each, left open. */
+async function idleClientH2(port, n, sites) {
+  const { connect } = await import('node:http2');
+  const sessions = [];
+  let next = 0;
+  let opened = 0;
+  let failed = 0;
+  const openOne = () => new Promise((resolve) => {
+    const i = next++;
+    const host = `site${i % sites}.scale.test`;
+    const session = connect(`https://${host}:${port}`, { host: '127.0.0.1', servername: host, rejectUnauthorized: false, createConnection: () => tls.connect({ host: '127.0.0.1', port, servername: host, ALPNProtocols: ['h2'], rejectUnauthorized: false }) });
+    sessions.push(session);
+    session.on('error', () => {});
+    const request = session.request({ ':path': '/1k', ':authority': host });
+    request.on('response', () => {});
+    request.on('data', () => {});
+    request.on('end', () => { opened++; resolve(); });
+    request.on('error', () => { failed++; resolve(); });
   });
   const worker = async () => { while (next < n) await openOne(); };
   await Promise.all(Array.from({ length: 64 }, worker));
