@@ -1,12 +1,10 @@
 /**
  * Reading certificates: PEM chains, the names a leaf covers, its validity and issuer, and whether a
- * private key belongs to it. Parsing uses node:crypto's `X509Certificate` (OpenSSL underneath: it reads
- * every key type); loading many certificates at start-up takes a DER shortcut (`der.ts`) for the
- * common cases and falls back to OpenSSL for anything else. Nothing here runs per request.
+ * private key belongs to it. Parsing uses node:crypto's `X509Certificate` (OpenSSL underneath: fast,
+ * and it reads every key type), never a JavaScript ASN.1 parser on the hot path.
  */
 import { X509Certificate, createPrivateKey, type KeyObject } from 'node:crypto';
 import { isIP } from 'node:net';
-import { isCertificateShape, leafFields, privateKeyPublicFields, samePublicKey } from './der.js';
 import type { Certificate } from './source.js';
 
 /** Error codes of {@link CertificateError}; callers branch on these, never on message text. */
@@ -59,55 +57,9 @@ export interface PemOrigin {
  *   leaf names nothing.
  */
 export function certificateFromPem(certPem: string, keyPem: string, source: string, origin: PemOrigin = {}): Certificate {
-  const blocks = splitPemChain(certPem);
-  return quickCertificate(blocks, keyPem, source) ?? checkedCertificate(blocks, keyPem, source, origin);
-}
-
-/**
- * The shortcut of {@link certificateFromPem} (10 000 certificates: ~0.1 s instead of ~6 s): the
- * leaf's fields read from its DER (`der.ts`), every block of the chain checked to be a
- * well-formed certificate, and the key checked to belong to the leaf by comparing its public half
- * (RSA modulus and exponent, or EC curve and point embedded in the key file) with the leaf's —
- * the comparison OpenSSL's `X509_check_private_key` makes. Undefined when any of this cannot be
- * decided or does not hold: the caller then takes the OpenSSL path, which gives the exact errors.
- *
- * Trade-off: OpenSSL itself parses the key and the certificate only when the first handshake
- * builds their SecureContext. A key that is well-formed DER with the right public half but
- * otherwise corrupt (a damaged private exponent) now fails that handshake, logged by the store
- * with the names it serves, instead of failing the start.
- */
-function quickCertificate(blocks: readonly string[], keyPem: string, source: string): Certificate | undefined {
-  if (blocks.length === 0) return undefined;
-  const leafDer = derOf(blocks[0]!);
-  const leaf = leafDer === undefined ? undefined : leafFields(leafDer);
-  if (leaf?.publicKey === undefined) return undefined;
-  const key = privateKeyPublicFields(keyPem);
-  if (key === undefined || !samePublicKey(key, leaf.publicKey)) return undefined;
-  for (let i = 1; i < blocks.length; i++) {
-    const der = derOf(blocks[i]!);
-    if (der === undefined || !isCertificateShape(der)) return undefined;
-  }
-  return Object.freeze({
-    cert: blocks.join('\n') + '\n',
-    key: keyPem,
-    names: Object.freeze(leaf.names),
-    notBefore: leaf.notBefore,
-    notAfter: leaf.notAfter,
-    issuer: leaf.issuer,
-    source,
-  });
-}
-
-/** The DER of one `CERTIFICATE` block; undefined when its body is not plain base64. */
-function derOf(block: string): Buffer | undefined {
-  const body = block.slice('-----BEGIN CERTIFICATE-----'.length, -'-----END CERTIFICATE-----'.length);
-  return /^[A-Za-z0-9+/=\s]+$/.test(body) ? Buffer.from(body, 'base64') : undefined;
-}
-
-/** {@link certificateFromPem} with OpenSSL's parsers: exact, and the source of every error. */
-function checkedCertificate(blocks: readonly string[], keyPem: string, source: string, origin: PemOrigin): Certificate {
   const certFile = origin.certFile ?? 'certificate';
   const keyFile = origin.keyFile ?? 'key';
+  const blocks = splitPemChain(certPem);
   if (blocks.length === 0) {
     throw new CertificateError('GH_TLS_CERT_INVALID', `${certFile}: no "BEGIN CERTIFICATE" block found; expected a PEM chain, leaf first`, { file: origin.certFile });
   }
