@@ -21,10 +21,13 @@
 import { STATUS_CODES, type IncomingMessage } from 'node:http';
 import type { Http2ServerRequest } from 'node:http2';
 import type { Socket } from 'node:net';
+import type { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 import type { ClientLimitsConfig } from '../config/schema.js';
 import { errorBody, type ProxyFailure } from '../proxy/errors.js';
 import { sendProxyError, type ClientRequest, type ClientResponse } from '../proxy/forward.js';
+import { requestEnded, requestStarted } from './connections.js';
+import { watchRequestBody } from './deadlines.js';
 
 function failure(status: number, code: string, message: string): ProxyFailure {
   return Object.freeze({ status, code, message });
@@ -236,4 +239,63 @@ function writeRawAnswer(socket: Duplex, failed: ProxyFailure): void {
   const timer = setTimeout(() => socket.destroy(), 1_000);
   timer.unref();
   socket.once('close', () => clearTimeout(timer));
+}
+
+/** Where {@link guardServer} and {@link serveHttp1Request} hand requests that passed the guard. */
+export interface GuardedServing {
+  readonly limits: ClientLimitsConfig;
+  /** Longest pause inside a request body (ms); 408 past it. */
+  readonly bodyIdle: number;
+  /** Reports refused requests and connection errors (never fatal). */
+  readonly report: ((error: Error) => void) | undefined;
+  readonly onRequest: (req: IncomingMessage, res: ClientResponse) => void;
+  readonly onUpgrade: (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
+}
+
+/**
+ * One HTTP/1.x request as both listeners take it: counted on its socket (for draining), dropped
+ * when it follows a rejected request on the same connection, checked, its body watched for idle
+ * pauses, then handed on.
+ */
+export function serveHttp1Request(req: IncomingMessage, res: ClientResponse, serving: GuardedServing): void {
+  const socket = req.socket;
+  requestStarted(socket);
+  res.once('close', () => requestEnded(socket));
+  if (followsRejectedRequest(req)) {
+    socket.destroySoon();
+    return;
+  }
+  const failed = checkRequest(req, serving.limits);
+  if (failed !== undefined) {
+    serving.report?.(new GuardError(failed));
+    rejectRequest(req, res, failed);
+    return;
+  }
+  watchRequestBody(req, res, serving.bodyIdle);
+  serving.onRequest(req, res);
+}
+
+/**
+ * The guard's answers to what reaches a server outside 'request': an `Expect` other than
+ * `100-continue` (417), Upgrade requests (checked, then handed on), and Node's parse errors (the
+ * right 4xx instead of a bare close).
+ */
+export function guardServer(server: EventEmitter, serving: GuardedServing): void {
+  server.on('checkExpectation', (req: ClientRequest, res: ClientResponse) => {
+    serving.report?.(new GuardError(GUARD_FAILURES.expectation));
+    rejectRequest(req, res, GUARD_FAILURES.expectation);
+  });
+  server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    const failed = checkUpgrade(req, serving.limits);
+    if (failed !== undefined) {
+      serving.report?.(new GuardError(failed));
+      rejectUpgrade(socket, failed);
+      return;
+    }
+    serving.onUpgrade(req, socket, head);
+  });
+  server.on('clientError', (error: Error, socket: Duplex) => {
+    serving.report?.(error);
+    answerClientError(error, socket, serving.limits);
+  });
 }

@@ -8,9 +8,9 @@ import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { DEFAULT_CLIENTS, type ClientsConfig, type ListenAddress } from '../config/schema.js';
-import { ConnectionTracker, requestEnded, requestStarted } from './connections.js';
-import { applyHttp1Deadlines, watchRequestBody } from './deadlines.js';
-import { answerClientError, checkRequest, checkUpgrade, followsRejectedRequest, GUARD_FAILURES, GuardError, rejectRequest, rejectUpgrade } from './guard.js';
+import { ConnectionTracker } from './connections.js';
+import { applyHttp1Deadlines } from './deadlines.js';
+import { guardServer, serveHttp1Request, type GuardedServing } from './guard.js';
 import { listenOn } from './https.js';
 
 /** The path prefix of ACME HTTP-01 challenges (RFC 8555 §8.3). */
@@ -38,47 +38,19 @@ export class HttpListener {
   constructor(options: HttpListenerOptions) {
     this.#address = options.address;
     const clients = options.clients ?? DEFAULT_CLIENTS;
-    const limits = clients.limits;
-    const bodyIdle = clients.timeouts.body_idle;
-    const report = options.onClientError;
     const server = createServer();
     applyHttp1Deadlines(server, clients);
     this.server = server;
     this.#tracker = new ConnectionTracker(server);
-    server.on('request', (req: IncomingMessage, res: ServerResponse) => {
-      const socket = req.socket;
-      requestStarted(socket);
-      res.once('close', () => requestEnded(socket));
-      if (followsRejectedRequest(req)) {
-        socket.destroySoon();
-        return;
-      }
-      const failed = checkRequest(req, limits);
-      if (failed !== undefined) {
-        report?.(new GuardError(failed));
-        rejectRequest(req, res, failed);
-        return;
-      }
-      watchRequestBody(req, res, bodyIdle);
-      options.onRequest(req, res);
-    });
-    server.on('checkExpectation', (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse) => {
-      report?.(new GuardError(GUARD_FAILURES.expectation));
-      rejectRequest(req, res, GUARD_FAILURES.expectation);
-    });
-    server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
-      const failed = checkUpgrade(req, limits);
-      if (failed !== undefined) {
-        report?.(new GuardError(failed));
-        rejectUpgrade(socket, failed);
-        return;
-      }
-      options.onUpgrade(req, socket, head);
-    });
-    server.on('clientError', (error: Error, socket: Duplex) => {
-      report?.(error);
-      answerClientError(error, socket, limits);
-    });
+    const serving: GuardedServing = {
+      limits: clients.limits,
+      bodyIdle: clients.timeouts.body_idle,
+      report: options.onClientError,
+      onRequest: options.onRequest as GuardedServing['onRequest'],
+      onUpgrade: options.onUpgrade,
+    };
+    server.on('request', (req: IncomingMessage, res: ServerResponse) => serveHttp1Request(req, res, serving));
+    guardServer(server, serving);
   }
 
   get draining(): boolean {

@@ -12,9 +12,9 @@ import { createServer as createNetServer, type AddressInfo, type Server as NetSe
 import type { Duplex } from 'node:stream';
 import { DEFAULT_CLIENTS, type ClientsConfig, type ListenAddress } from '../config/schema.js';
 import type { CertificateStore } from '../tls/certificates.js';
-import { ConnectionTracker, requestEnded, requestStarted } from './connections.js';
+import { ConnectionTracker } from './connections.js';
 import { applyHttp1Deadlines, Http2SessionWatch, watchRequestBody } from './deadlines.js';
-import { answerClientError, checkRequest, checkUpgrade, followsRejectedRequest, GUARD_FAILURES, GuardError, rejectRequest, rejectUpgrade } from './guard.js';
+import { checkRequest, GuardError, guardServer, rejectRequest, serveHttp1Request, type GuardedServing } from './guard.js';
 
 /**
  * HTTP/2 SETTINGS (RFC 9113 §6.5.2) from the client limits: `maxConcurrentStreams` bounded (each
@@ -72,7 +72,13 @@ export class HttpsListener {
     this.#tracker = new ConnectionTracker(server, 'secureConnection');
     this.#sessions = new Http2SessionWatch(server, clients.timeouts);
     const report = options.onClientError;
-    const bodyIdle = clients.timeouts.body_idle;
+    const serving: GuardedServing = {
+      limits,
+      bodyIdle: clients.timeouts.body_idle,
+      report,
+      onRequest: options.onRequest as GuardedServing['onRequest'],
+      onUpgrade: options.onUpgrade,
+    };
     server.on('request', (req: IncomingMessage | Http2ServerRequest, res: Http2ServerResponse) => {
       if (req instanceof Http2ServerRequest) {
         // Dispatch after the frames read with this HEADERS are processed: a stream the client reset
@@ -80,41 +86,11 @@ export class HttpsListener {
         setImmediate(dispatchStream, req, res, this);
         return;
       }
-      const socket = req.socket as Socket;
-      requestStarted(socket);
-      res.once('close', () => requestEnded(socket));
-      if (followsRejectedRequest(req)) {
-        socket.destroySoon();
-        return;
-      }
-      const failed = checkRequest(req, limits);
-      if (failed !== undefined) {
-        report?.(new GuardError(failed));
-        rejectRequest(req, res, failed);
-        return;
-      }
-      watchRequestBody(req, res, bodyIdle);
-      options.onRequest(req, res);
+      serveHttp1Request(req, res, serving);
     });
-    server.on('checkExpectation', (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse) => {
-      report?.(new GuardError(GUARD_FAILURES.expectation));
-      rejectRequest(req, res, GUARD_FAILURES.expectation);
-    });
-    server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
-      const failed = checkUpgrade(req, limits);
-      if (failed !== undefined) {
-        report?.(new GuardError(failed));
-        rejectUpgrade(socket, failed);
-        return;
-      }
-      options.onUpgrade(req, socket, head);
-    });
+    guardServer(server, serving);
     server.on('tlsClientError', (error: Error) => report?.(error));
     server.on('sessionError', (error: Error) => report?.(error));
-    server.on('clientError', (error: Error, socket: Duplex) => {
-      report?.(error);
-      answerClientError(error, socket, limits);
-    });
     this.#detach = options.store.attach(server);
   }
 
