@@ -24,14 +24,10 @@ import type { Socket } from 'node:net';
 import type { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 import type { ClientLimitsConfig } from '../config/schema.js';
-import { errorBody, type ProxyFailure } from '../proxy/errors.js';
+import { errorBody, failure, type ProxyFailure } from '../proxy/errors.js';
 import { sendProxyError, type ClientRequest, type ClientResponse } from '../proxy/forward.js';
 import { requestEnded, requestStarted } from './connections.js';
 import { watchRequestBody } from './deadlines.js';
-
-function failure(status: number, code: string, message: string): ProxyFailure {
-  return Object.freeze({ status, code, message });
-}
 
 /** Answers of the guard; frozen singletons, branch on `code`. */
 export const GUARD_FAILURES = Object.freeze({

@@ -15,7 +15,8 @@ export interface ProxyFailure {
   readonly message: string;
 }
 
-function failure(status: number, code: string, message: string): ProxyFailure {
+/** A frozen {@link ProxyFailure}: every layer's answers are singletons made with this. */
+export function failure(status: number, code: string, message: string): ProxyFailure {
   return Object.freeze({ status, code, message });
 }
 

@@ -13,7 +13,7 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import { forward, sendProxyError, type ClientRequest, type ClientResponse, type ForwardOutcome } from '../proxy/forward.js';
-import { FAILURES, type ProxyFailure } from '../proxy/errors.js';
+import { failure, FAILURES, type ProxyFailure } from '../proxy/errors.js';
 import { proxyUpgrade, type UpgradeOutcome } from '../proxy/upgrade.js';
 import type { SelectionContext } from '../upstream/balancer.js';
 import type { Upstream } from '../upstream/pool.js';
@@ -22,10 +22,10 @@ import type { RouteRuntime, Runtime, SiteRuntime } from './runtime.js';
 
 /** Answers of the router itself (not of an upstream). */
 export const ROUTING_FAILURES = Object.freeze({
-  badHost: Object.freeze({ status: 400, code: 'GH_BAD_HOST', message: 'the request has no valid Host' }) as ProxyFailure,
-  noSite: Object.freeze({ status: 404, code: 'GH_NO_SITE', message: 'no site is configured for this host' }) as ProxyFailure,
-  noRoute: Object.freeze({ status: 404, code: 'GH_NO_ROUTE', message: 'no route matches this path' }) as ProxyFailure,
-  misdirected: Object.freeze({ status: 421, code: 'GH_MISDIRECTED', message: 'this connection cannot serve this host' }) as ProxyFailure,
+  badHost: failure(400, 'GH_BAD_HOST', 'the request has no valid Host'),
+  noSite: failure(404, 'GH_NO_SITE', 'no site is configured for this host'),
+  noRoute: failure(404, 'GH_NO_ROUTE', 'no route matches this path'),
+  misdirected: failure(421, 'GH_MISDIRECTED', 'this connection cannot serve this host'),
 });
 
 /** What the listener knows of the connection and the rest of the server. */
