@@ -148,7 +148,7 @@ export class Gatehouse {
     const internal = await LocalCA.load(storage);
     const tlsLogger = logger.child({ logger: 'tls' });
     const store = new CertificateStore({ logger: tlsLogger, renewWindow: config.tls.acme.renew_window });
-    const staticCertificates = await loadStaticCertificates(config.tls.certificates);
+    const staticCertificates = await loadStaticCertificates(config.tls.certificates, { storage, logger: tlsLogger });
     for (const certificate of staticCertificates) store.put(certificate);
     if (staticCertificates.length === 0) {
       store.setDefault(() => internal.issue(['localhost', '127.0.0.1', '::1']));
@@ -309,7 +309,7 @@ export class Gatehouse {
     if (this.#stopping) throw new Error('the server is stopping');
     const old = { config: this.#config, runtime: this.#runtime };
     // Provision: everything that can fail.
-    const staticCertificates = await loadStaticCertificates(config.tls.certificates);
+    const staticCertificates = await loadStaticCertificates(config.tls.certificates, { storage: new FileStorage(config.tls.storage), logger: this.#logger.child({ logger: 'tls' }) });
     const runtime = buildRuntime(config.sites, this.#logger);
     const opened: Listeners = { https: undefined, http: undefined, admin: undefined };
     const openedAddresses: Gatehouse['addresses'] = {};

@@ -13,10 +13,11 @@
  */
 import { readFileSync } from 'node:fs';
 import { createSecureContext, type SecureContext, type SecureContextOptions, type Server as TlsServer } from 'node:tls';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { LRUCache } from 'lru-cache';
 import type { Certificate, CertificateSource } from './source.js';
-import { CertificateError, certificateFromPem, normalizeHostName } from './pem.js';
+import { CertificateError, certificateFromPem, certificateFromVerifiedPem, normalizeHostName, type LeafFacts } from './pem.js';
+import type { Storage } from './storage.js';
 
 /**
  * TLS settings of every context (Mozilla "intermediate" profile, 2024): TLS 1.2 minimum; for TLS 1.2
@@ -524,14 +525,74 @@ export function covers(certificate: Certificate, host: string): boolean {
   return dot > 0 && names.includes('*' + name.slice(dot));
 }
 
+/** Options of {@link loadStaticCertificates}. */
+export interface StaticLoadOptions {
+  /**
+   * The storage folder (`tls.storage`) that keeps the cache of verified pairs
+   * ({@link VERIFIED_PAIRS_KEY}). Default: none; every pair is parsed and checked by OpenSSL and
+   * nothing is written.
+   */
+  readonly storage?: Storage;
+  /** Where an unusable cache file or a failed cache write is reported (warn; the load goes on).
+   * Default: nothing. */
+  readonly logger?: Pick<TlsLogger, 'warn'>;
+  /** Receives what the cache did during this load (for logs and tests). Default: nothing. */
+  readonly onCacheStats?: (stats: StaticCacheStats) => void;
+}
+
+/** What the cache of verified pairs did during one {@link loadStaticCertificates}. */
+export interface StaticCacheStats {
+  /** Pairs built from the cache, without OpenSSL. */
+  readonly hits: number;
+  /** Pairs parsed and checked by OpenSSL (and recorded). */
+  readonly misses: number;
+  /** Cache entries dropped: no pair of this load has their bytes any more. */
+  readonly dropped: number;
+  /** Whether the cache file was (re)written. */
+  readonly written: boolean;
+}
+
+/**
+ * Storage key of the cache of verified static pairs: `static/verified.json` in the storage folder.
+ *
+ * What is cached: for each `tls.certificates` pair that {@link certificateFromPem} accepted (every
+ * chain block parsed by OpenSSL, the key parsed, `checkPrivateKey` true, the leaf names a host),
+ * the facts it read from the leaf (names, notBefore, notAfter, issuer), keyed by a SHA-256 over the
+ * exact bytes of the certificate file and of the key file. Why: OpenSSL parsing is ~0.5 ms a pair,
+ * ~8 s for 10 000 certificates; a restart with unchanged files skips it all.
+ *
+ * Why it is safe: an entry is used only for files whose bytes hash to it, i.e. the very bytes that
+ * were verified; any change to either file (another key, another chain, one byte) is a miss and is
+ * verified again, with the same errors. The file sits in the folder that holds the private keys
+ * (0700), written atomically with mode 0600: whoever can change it can change those keys already.
+ * The whole file is discarded (and rebuilt) when its shape is wrong in any way, when it was written
+ * with another {@link VERIFIED_PAIRS_FORMAT} or another OpenSSL version; it is never used in part.
+ */
+export const VERIFIED_PAIRS_KEY = 'static/verified.json';
+
+/** Version of the cache file; bump it when what {@link certificateFromPem} derives (names,
+ * issuer text) changes, so entries written by older code are not served. */
+const VERIFIED_PAIRS_FORMAT = 1;
+
 /**
  * Read the `tls.certificates` files: each `cert` a PEM chain (leaf first), each `key` the leaf's
  * unencrypted PEM key. Names come from the leaf's SANs (DNS and IP).
+ *
+ * With `options.storage`, pairs already verified with the same bytes are built from the cache of
+ * verified pairs ({@link VERIFIED_PAIRS_KEY}) without OpenSSL; the others are verified as ever and
+ * recorded. When anything changed, the cache is rewritten once at the end, holding exactly the
+ * pairs of this load (entries of removed certificates are dropped). Nothing is written when the
+ * load fails; a cache that cannot be read or written is reported to `options.logger` and ignored.
  * @returns certificates with source `static`, in the order given.
  * @throws {CertificateError} `GH_TLS_FILE_UNREADABLE` (missing file, permissions) or any code of
  *   {@link certificateFromPem}; the message names the file.
  */
-export async function loadStaticCertificates(entries: readonly { readonly cert: string; readonly key: string }[]): Promise<Certificate[]> {
+export async function loadStaticCertificates(entries: readonly { readonly cert: string; readonly key: string }[], options: StaticLoadOptions = {}): Promise<Certificate[]> {
+  const { storage, logger } = options;
+  const cached = storage === undefined ? undefined : await readVerifiedPairs(storage, logger);
+  const seen = new Map<string, LeafFacts>();
+  let hits = 0;
+  let misses = 0;
   // Synchronous reads in batches, yielding to the event loop between batches (a reload must not
   // stall the connections being served): 20 000 small files take ~0.15 s this way against ~1.3 s
   // through fs/promises (a FileHandle, fstat and close per file, each a thread-pool round trip),
@@ -540,7 +601,36 @@ export async function loadStaticCertificates(entries: readonly { readonly cert: 
   for (let index = 0; index < entries.length; index++) {
     if (index > 0 && index % STATIC_BATCH === 0) await new Promise<void>((resolve) => setImmediate(resolve));
     const { cert, key } = entries[index]!;
-    certificates.push(certificateFromPem(readText(cert), readText(key), 'static', { certFile: cert, keyFile: key }));
+    const certBytes = readBytes(cert);
+    const keyBytes = readBytes(key);
+    const certPem = certBytes.toString('utf8');
+    const keyPem = keyBytes.toString('utf8');
+    if (storage === undefined) {
+      certificates.push(certificateFromPem(certPem, keyPem, 'static', { certFile: cert, keyFile: key }));
+      continue;
+    }
+    const digest = pairDigest(certBytes, keyBytes);
+    const facts = cached?.get(digest) ?? seen.get(digest);
+    const hit = facts === undefined ? undefined : certificateFromVerifiedPem(certPem, keyPem, 'static', facts);
+    if (hit !== undefined) {
+      hits++;
+      seen.set(digest, facts!);
+      certificates.push(hit);
+      continue;
+    }
+    misses++;
+    const certificate = certificateFromPem(certPem, keyPem, 'static', { certFile: cert, keyFile: key });
+    seen.set(digest, certificate);
+    certificates.push(certificate);
+  }
+  if (storage !== undefined) {
+    let dropped = 0;
+    for (const digest of cached?.keys() ?? []) if (!seen.has(digest)) dropped++;
+    const changed = misses > 0 || dropped > 0 || (cached === undefined && seen.size > 0);
+    const written = changed && await writeVerifiedPairs(storage, seen, logger);
+    options.onCacheStats?.({ hits, misses, dropped, written });
+  } else {
+    options.onCacheStats?.({ hits: 0, misses: certificates.length, dropped: 0, written: false });
   }
   return certificates;
 }
@@ -548,11 +638,103 @@ export async function loadStaticCertificates(entries: readonly { readonly cert: 
 /** Certificates read and parsed by {@link loadStaticCertificates} between two yields (~3 ms). */
 const STATIC_BATCH = 128;
 
-function readText(file: string): string {
+function readBytes(file: string): Buffer {
   try {
-    return readFileSync(file, 'utf8');
+    return readFileSync(file);
   } catch (error) {
     throw new CertificateError('GH_TLS_FILE_UNREADABLE', `cannot read ${file}: ${(error as Error).message}`, { file, cause: error });
+  }
+}
+
+/**
+ * The cache key of a pair: SHA-256 over a domain tag, the certificate file's length and bytes, then
+ * the key file's bytes. The length prefix separates the two files, so no other split of the same
+ * bytes into a certificate and a key hashes alike.
+ */
+function pairDigest(certBytes: Buffer, keyBytes: Buffer): string {
+  return createHash('sha256')
+    .update(`gatehouse static pair\0${certBytes.length}\0`)
+    .update(certBytes)
+    .update(keyBytes)
+    .digest('hex');
+}
+
+/** The cache file: {@link VERIFIED_PAIRS_FORMAT}, the OpenSSL that verified, and the pairs by digest. */
+interface VerifiedPairsFile {
+  readonly format: number;
+  readonly openssl: string;
+  readonly pairs: Record<string, { names: string[]; notBefore: string; notAfter: string; issuer: string }>;
+}
+
+/**
+ * The cached pairs, or undefined when there is no usable cache (absent, unreadable, not JSON, a
+ * wrong shape anywhere, another format or OpenSSL version): all or nothing.
+ */
+async function readVerifiedPairs(storage: Storage, logger: Pick<TlsLogger, 'warn'> | undefined): Promise<Map<string, LeafFacts> | undefined> {
+  let bytes: Buffer | undefined;
+  try {
+    bytes = await storage.load(VERIFIED_PAIRS_KEY);
+  } catch (error) {
+    logger?.warn({ key: VERIFIED_PAIRS_KEY, err: error }, 'cannot read the cache of verified static certificates; verifying every pair again');
+    return undefined;
+  }
+  if (bytes === undefined) return undefined;
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(bytes.toString('utf8'));
+  } catch {
+    parsed = undefined;
+  }
+  if (isRecord(parsed) && (parsed.format !== VERIFIED_PAIRS_FORMAT || parsed.openssl !== process.versions.openssl)) {
+    return undefined; // written by another version: rebuilt quietly
+  }
+  const pairs = parsed === undefined ? undefined : pairsOf(parsed);
+  if (pairs === undefined) {
+    logger?.warn({ key: VERIFIED_PAIRS_KEY }, 'the cache of verified static certificates is corrupt; ignoring it and verifying every pair again');
+  }
+  return pairs;
+}
+
+function pairsOf(parsed: unknown): Map<string, LeafFacts> | undefined {
+  if (!isRecord(parsed) || !isRecord(parsed.pairs)) return undefined;
+  const pairs = new Map<string, LeafFacts>();
+  for (const [digest, value] of Object.entries(parsed.pairs)) {
+    if (!/^[0-9a-f]{64}$/.test(digest) || !isRecord(value)) return undefined;
+    const { names, notBefore, notAfter, issuer } = value;
+    if (!Array.isArray(names) || names.length === 0 || !names.every((name) => typeof name === 'string' && name !== '')) return undefined;
+    if (typeof issuer !== 'string') return undefined;
+    const from = isoDate(notBefore);
+    const to = isoDate(notAfter);
+    if (from === undefined || to === undefined) return undefined;
+    pairs.set(digest, { names: names as string[], notBefore: from, notAfter: to, issuer });
+  }
+  return pairs;
+}
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+/** A date written by `toISOString`, exactly; anything else is undefined. */
+function isoDate(value: unknown): Date | undefined {
+  if (typeof value !== 'string') return undefined;
+  const date = new Date(value);
+  return Number.isNaN(date.getTime()) || date.toISOString() !== value ? undefined : date;
+}
+
+/** Write the cache atomically, owner-only. @returns whether it was written (a failure is reported, not thrown). */
+async function writeVerifiedPairs(storage: Storage, pairs: ReadonlyMap<string, LeafFacts>, logger: Pick<TlsLogger, 'warn'> | undefined): Promise<boolean> {
+  const file: VerifiedPairsFile = { format: VERIFIED_PAIRS_FORMAT, openssl: process.versions.openssl, pairs: {} };
+  for (const [digest, facts] of pairs) {
+    if (Number.isNaN(facts.notBefore.getTime()) || Number.isNaN(facts.notAfter.getTime())) continue; // not representable: verified again next time
+    file.pairs[digest] = { names: [...facts.names], notBefore: facts.notBefore.toISOString(), notAfter: facts.notAfter.toISOString(), issuer: facts.issuer };
+  }
+  try {
+    await storage.store(VERIFIED_PAIRS_KEY, JSON.stringify(file), { secret: true });
+    return true;
+  } catch (error) {
+    logger?.warn({ key: VERIFIED_PAIRS_KEY, err: error }, 'cannot write the cache of verified static certificates; the next start verifies every pair again');
+    return false;
   }
 }
 

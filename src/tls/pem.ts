@@ -83,13 +83,45 @@ export function certificateFromPem(certPem: string, keyPem: string, source: stri
   if (names.length === 0) {
     throw new CertificateError('GH_TLS_NO_NAMES', `${certFile}: the certificate names no host (no subjectAltName and no CN)`, { file: origin.certFile });
   }
-  return Object.freeze({
-    cert: blocks.join('\n') + '\n',
-    key: keyPem,
-    names: Object.freeze(names),
+  return freezeCertificate(blocks, keyPem, source, {
+    names,
     notBefore: new Date(leaf.validFrom),
     notAfter: new Date(leaf.validTo),
     issuer: issuerNameOf(leaf),
+  });
+}
+
+/** What {@link certificateFromPem} reads from the leaf with OpenSSL, besides the PEM texts. */
+export interface LeafFacts {
+  readonly names: readonly string[];
+  readonly notBefore: Date;
+  readonly notAfter: Date;
+  readonly issuer: string;
+}
+
+/**
+ * Build a {@link Certificate} from a pair that {@link certificateFromPem} already accepted, with
+ * the {@link LeafFacts} it read then, without OpenSSL: no parsing, no key check. Only for texts
+ * byte for byte equal to the ones that were verified (the static certificate cache in
+ * `tls/certificates.ts` matches them by a SHA-256 of the files). The chain is laid out as
+ * {@link certificateFromPem} lays it out.
+ * @returns undefined when `certPem` holds no certificate block (it was not a verified text).
+ */
+export function certificateFromVerifiedPem(certPem: string, keyPem: string, source: string, facts: LeafFacts): Certificate | undefined {
+  const blocks = splitPemChain(certPem);
+  if (blocks.length === 0) return undefined;
+  return freezeCertificate(blocks, keyPem, source, facts);
+}
+
+/** The one place a {@link Certificate} is assembled, so verified and cached pairs look the same. */
+function freezeCertificate(blocks: readonly string[], keyPem: string, source: string, facts: LeafFacts): Certificate {
+  return Object.freeze({
+    cert: blocks.join('\n') + '\n',
+    key: keyPem,
+    names: Object.freeze([...facts.names]),
+    notBefore: new Date(facts.notBefore.getTime()),
+    notAfter: new Date(facts.notAfter.getTime()),
+    issuer: facts.issuer,
     source,
   });
 }
