@@ -1,0 +1,75 @@
+/**
+ * `workers: 2`: the real CLI forks two workers that share the listeners, a killed worker is
+ * restarted, and SIGTERM stops every worker and exits 0.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { Agent, request } from 'undici';
+import { spawnGatehouse, type SpawnedGatehouse } from './helpers/gatehouse.ts';
+import { startEchoUpstream } from './helpers/upstreams.ts';
+
+async function waitFor(what: string, probe: () => boolean, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!probe()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe('workers', () => {
+  let echo: Awaited<ReturnType<typeof startEchoUpstream>>;
+  let gh: SpawnedGatehouse | undefined;
+  before(async () => { echo = await startEchoUpstream(); });
+  after(async () => {
+    await gh?.kill();
+    await echo?.close();
+  });
+
+  it('two workers serve one port, a killed worker comes back, SIGTERM stops them all with exit 0', async () => {
+    gh = await spawnGatehouse(['run', '--config', '{{config}}'], `
+workers: 2
+listen: { http: "127.0.0.1:0", https: "127.0.0.1:0" }
+tls: { storage: "{{dir}}/certs" }
+log: { access: false }
+sites:
+  - hosts: [localhost]
+    routes: [{ upstreams: ["${echo.url}"] }]
+`);
+    const serving = () => [...new Set(gh!.logs.filter((l) => l.msg === 'serving').map((l) => Number(l.pid)))];
+    await waitFor('two workers serving', () => serving().length === 2);
+    const [first, second] = serving() as [number, number];
+    assert.notEqual(first, gh.child.pid);
+    assert.equal(gh.logs.find((l) => l.pid === first && l.msg === 'serving')?.https, gh.httpsPort, 'the workers share one port');
+
+    const agent = new Agent({ connect: { rejectUnauthorized: false } });
+    const get = async () => {
+      const res = await request(`https://127.0.0.1:${gh!.httpsPort}/`, { dispatcher: agent, headers: { host: 'localhost' }, reset: true });
+      await res.body.dump();
+      return res.statusCode;
+    };
+    try {
+      for (let i = 0; i < 20; i++) assert.equal(await get(), 200);
+
+      process.kill(first, 'SIGKILL');
+      await waitFor('a replacement worker', () => serving().length === 3);
+      assert.ok(gh.logs.some((l) => l.msg === 'worker exited; restarting it' && l.worker_pid === first));
+      for (let i = 0; i < 20; i++) assert.equal(await get(), 200);
+
+      const workers = serving().filter((pid) => pid !== first);
+      gh.child.kill('SIGTERM');
+      assert.equal(await gh.exited, 0);
+      await waitFor('every worker gone', () => workers.every((pid) => !isAlive(pid)), 5_000);
+    } finally {
+      await agent.close();
+    }
+  });
+});
