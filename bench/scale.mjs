@@ -8,7 +8,8 @@
 //
 // 1. Generates SCALE_CERTS certificates (a CA, then one P-256 leaf and key per site) and writes
 //    two configs: one site, and SCALE_SITES sites each with its own static certificate.
-// 2. Start-up: spawn → first 200 answered for the last site, for each config (best of 2).
+// 2. Start-up: spawn → first 200 answered for the last site, for each config: a first start
+//    without the cache of verified certificates, then a restart on the same storage folder.
 // 3. Routing: wrk (plain h1) and h2load (HTTPS h1, SNI = the site) on a site in the middle, with
 //    one site and with SCALE_SITES sites: req/s of each.
 // 4. Idle connections: with SCALE_SITES sites, a separate node process opens SCALE_CONNECTIONS
@@ -131,16 +132,21 @@ async function main() {
 
   const results = { sites: SITES, certs: CERTS };
   if (process.env.SCALE_ONLY_CONFIG) { await stop(backend); return; }
-  // Start-up, best of two (the first run also warms the file cache).
+  // Start-up, twice on the same storage folder: the first start with no cache of verified
+  // certificates (removed before it), then a restart that finds it (startup_*_first_ms and
+  // startup_*_restart_ms); startup_*_ms is the better of the two.
   for (const [label, file, host] of [['one', 'one.yaml', siteName(middle)], ['many', 'many.yaml', siteName(SITES - 1)]]) {
-    let best = Infinity;
+    rmSync(join(tmp, 'storage', 'static', 'verified.json'), { force: true });
+    const rounds = [];
     for (let round = 0; round < 2; round++) {
       const { child, ms } = await startGatehouse(join(tmp, file), host);
-      best = Math.min(best, ms);
+      rounds.push(Math.round(ms));
       await stop(child);
     }
-    results[`startup_${label}_ms`] = Math.round(best);
-    log(`start-up with ${label === 'one' ? '1 site' : `${SITES} sites, ${CERTS} certificates`}: ${Math.round(best)} ms (spawn → first 200)`);
+    results[`startup_${label}_ms`] = Math.min(...rounds);
+    results[`startup_${label}_first_ms`] = rounds[0];
+    results[`startup_${label}_restart_ms`] = rounds[1];
+    log(`start-up with ${label === 'one' ? '1 site' : `${SITES} sites, ${CERTS} certificates`}: first ${rounds[0]} ms, restart ${rounds[1]} ms (spawn → first 200)`);
   }
 
   if (process.env.SCALE_ONLY_STARTUP) { await stop(backend); process.stdout.write(`${JSON.stringify(results)}\n`); return; }
