@@ -177,12 +177,15 @@ describe('active health checks', () => {
     const timeoutsBefore = activeTimeouts();
     const checker = new HealthChecker([hanging.upstream, healthy.upstream], { ...settings, timeout: 10_000, interval: 30 });
     checker.start();
-    await sleep(100);
+    await settle(() => hanging.checks === 1);
     assert.equal(hanging.checks, 1, 'the hanging check is in flight');
     assert.ok(activeTimeouts() > timeoutsBefore, 'the checker has timers while running');
     const stopping = Date.now();
     await checker.stop();
     assert.ok(Date.now() - stopping < 1000, 'stop() does not wait for the 10s check timeout');
+    // The backends' own socket timers go once the aborted connections' close reaches them, which
+    // can take a few turns of the event loop on a loaded machine.
+    await settle(() => activeTimeouts() <= timeoutsBefore);
     assert.ok(activeTimeouts() <= timeoutsBefore, 'no timer is left behind');
     const checks = healthy.checks;
     await sleep(120);
@@ -229,3 +232,9 @@ describe('parseStatusRange', () => {
     assert.throws(() => parseStatusRange('ok'), RangeError);
   });
 });
+
+/** Wait until `condition` holds, for at most `ms` (the assertion that follows decides). */
+async function settle(condition: () => boolean, ms = 2000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!condition() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10));
+}
