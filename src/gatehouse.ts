@@ -27,6 +27,7 @@ import { AdminListener, type ReloadResult } from './observability/admin.js';
 import type { Logger } from './observability/log.js';
 import { Metrics } from './observability/metrics.js';
 import type { ClientRequest, ClientResponse } from './proxy/forward.js';
+import type { ProxyFailure } from './proxy/errors.js';
 import { dispatchRequest, dispatchUpgrade, requestHost, type AccessRecord, type DispatchContext } from './routing/dispatch.js';
 import { buildRuntime, type RouteRuntime, type Runtime, type SiteRuntime } from './routing/runtime.js';
 import { CertificateStore, covers, loadStaticCertificates, type ObtainDecision } from './tls/certificates.js';
@@ -414,6 +415,14 @@ export class Gatehouse {
     const { listen } = config;
     const changed = (name: 'http' | 'https' | 'admin') => previous === undefined || !sameAddress(previous.listen[name], listen[name]);
     const onClientError = (error: Error) => this.#logger.debug({ err: { message: error.message, code: (error as { code?: string }).code } }, 'client connection error');
+    const refused = (protocol: 'http' | 'https') => (req: ClientRequest, failed: ProxyFailure) => {
+      // Refused before routing: in the access log and the metrics like every other answer.
+      this.#metrics.inFlight++;
+      this.#onExchange({
+        req, startedAt: performance.now(), protocol, host: requestHost(req) ?? '', site: undefined, route: undefined,
+        status: failed.status, bytesIn: 0, bytesOut: 0, upstream: undefined, error: failed.code, requestId: undefined,
+      });
+    };
     if (listen.https && changed('https')) {
       const acme = this.#issuers.acme;
       const https = new HttpsListener({
@@ -428,6 +437,7 @@ export class Gatehouse {
           dispatchUpgrade(req, socket, head, this.#httpsContext);
         },
         onClientError,
+        onRefused: refused('https'),
         clients: config.clients,
         ...(acme && config.tls.acme.challenges.includes('tls-alpn-01')
           ? { acceptConnection: acme.tlsAlpn.handleConnection.bind(acme.tlsAlpn) }
@@ -443,6 +453,7 @@ export class Gatehouse {
         onRequest: (req, res) => this.#onPlainRequest(req, res),
         onUpgrade: (req, socket, head) => this.#onPlainUpgrade(req, socket, head),
         onClientError,
+        onRefused: refused('http'),
         clients: config.clients,
       });
       into.http = http;

@@ -244,6 +244,8 @@ export interface GuardedServing {
   readonly bodyIdle: number;
   /** Reports refused requests and connection errors (never fatal). */
   readonly report: ((error: Error) => void) | undefined;
+  /** Called for every request the guard refuses, after its answer was sent (access log, metrics). */
+  readonly onRefused: ((req: ClientRequest, failed: ProxyFailure) => void) | undefined;
   readonly onRequest: (req: IncomingMessage, res: ClientResponse) => void;
   readonly onUpgrade: (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
 }
@@ -263,12 +265,18 @@ export function serveHttp1Request(req: IncomingMessage, res: ClientResponse, ser
   }
   const failed = checkRequest(req, serving.limits);
   if (failed !== undefined) {
-    serving.report?.(new GuardError(failed));
-    rejectRequest(req, res, failed);
+    refuse(req, res, failed, serving);
     return;
   }
   watchRequestBody(req, res, serving.bodyIdle);
   serving.onRequest(req, res);
+}
+
+/** Answer a refused request, report it, and record it like any other exchange. */
+export function refuse(req: ClientRequest, res: ClientResponse, failed: ProxyFailure, serving: GuardedServing): void {
+  serving.report?.(new GuardError(failed));
+  rejectRequest(req, res, failed);
+  serving.onRefused?.(req, failed);
 }
 
 /**
@@ -278,14 +286,14 @@ export function serveHttp1Request(req: IncomingMessage, res: ClientResponse, ser
  */
 export function guardServer(server: EventEmitter, serving: GuardedServing): void {
   server.on('checkExpectation', (req: ClientRequest, res: ClientResponse) => {
-    serving.report?.(new GuardError(GUARD_FAILURES.expectation));
-    rejectRequest(req, res, GUARD_FAILURES.expectation);
+    refuse(req, res, GUARD_FAILURES.expectation, serving);
   });
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const failed = checkUpgrade(req, serving.limits);
     if (failed !== undefined) {
       serving.report?.(new GuardError(failed));
       rejectUpgrade(socket, failed);
+      serving.onRefused?.(req, failed);
       return;
     }
     serving.onUpgrade(req, socket, head);

@@ -11,6 +11,8 @@ import { DEFAULT_CLIENTS, type ClientsConfig, type ListenAddress } from '../conf
 import { ConnectionTracker } from './connections.js';
 import { applyHttp1Deadlines } from './deadlines.js';
 import { guardServer, serveHttp1Request, type GuardedServing } from './guard.js';
+import type { ClientRequest } from '../proxy/forward.js';
+import type { ProxyFailure } from '../proxy/errors.js';
 import { listenOn } from './https.js';
 
 /** The path prefix of ACME HTTP-01 challenges (RFC 8555 §8.3). */
@@ -25,6 +27,8 @@ export interface HttpListenerOptions {
   readonly onUpgrade: (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
   /** Reports errors of single connections and requests refused before routing (never fatal). */
   readonly onClientError?: (error: Error) => void;
+  /** Called for every request refused before routing, after its answer (access log, metrics). */
+  readonly onRefused?: (req: ClientRequest, failed: ProxyFailure) => void;
   /** Client deadlines and limits. Default: the schema's defaults. */
   readonly clients?: ClientsConfig;
 }
@@ -46,6 +50,7 @@ export class HttpListener {
       limits: clients.limits,
       bodyIdle: clients.timeouts.body_idle,
       report: options.onClientError,
+      onRefused: options.onRefused,
       onRequest: options.onRequest as GuardedServing['onRequest'],
       onUpgrade: options.onUpgrade,
     };

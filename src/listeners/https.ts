@@ -14,7 +14,9 @@ import { DEFAULT_CLIENTS, type ClientsConfig, type ListenAddress } from '../conf
 import type { CertificateStore } from '../tls/certificates.js';
 import { ConnectionTracker } from './connections.js';
 import { applyHttp1Deadlines, Http2SessionWatch, watchRequestBody } from './deadlines.js';
-import { checkRequest, GuardError, guardServer, rejectRequest, serveHttp1Request, type GuardedServing } from './guard.js';
+import { checkRequest, guardServer, refuse, serveHttp1Request, type GuardedServing } from './guard.js';
+import type { ClientRequest } from '../proxy/forward.js';
+import type { ProxyFailure } from '../proxy/errors.js';
 
 /**
  * HTTP/2 SETTINGS (RFC 9113 §6.5.2) from the client limits: `maxConcurrentStreams` bounded (each
@@ -40,6 +42,8 @@ export interface HttpsListenerOptions {
   readonly acceptConnection?: (socket: Socket, next: (socket: Socket) => void) => void;
   /** Reports errors of single connections and requests refused before routing (never fatal). */
   readonly onClientError?: (error: Error) => void;
+  /** Called for every request refused before routing, after its answer (access log, metrics). */
+  readonly onRefused?: (req: ClientRequest, failed: ProxyFailure) => void;
   /** Client deadlines and limits. Default: the schema's defaults. */
   readonly clients?: ClientsConfig;
 }
@@ -50,6 +54,7 @@ export class HttpsListener {
   readonly #tracker: ConnectionTracker;
   readonly #options: HttpsListenerOptions;
   readonly #sessions: Http2SessionWatch;
+  readonly #serving: GuardedServing;
   #tcp: NetServer | undefined;
   #detach: (() => void) | undefined;
 
@@ -76,9 +81,11 @@ export class HttpsListener {
       limits,
       bodyIdle: clients.timeouts.body_idle,
       report,
+      onRefused: options.onRefused,
       onRequest: options.onRequest as GuardedServing['onRequest'],
       onUpgrade: options.onUpgrade,
     };
+    this.#serving = serving;
     server.on('request', (req: IncomingMessage | Http2ServerRequest, res: Http2ServerResponse) => {
       if (req instanceof Http2ServerRequest) {
         // Dispatch after the frames read with this HEADERS are processed: a stream the client reset
@@ -98,14 +105,13 @@ export class HttpsListener {
   dispatchStream(req: Http2ServerRequest, res: Http2ServerResponse): void {
     const stream = req.stream;
     if (stream.destroyed || stream.closed) return;
-    const clients = this.#options.clients ?? DEFAULT_CLIENTS;
-    const failed = checkRequest(req, clients.limits);
+    const serving = this.#serving;
+    const failed = checkRequest(req, serving.limits);
     if (failed !== undefined) {
-      this.#options.onClientError?.(new GuardError(failed));
-      rejectRequest(req, res, failed);
+      refuse(req, res, failed, serving);
       return;
     }
-    watchRequestBody(req, res, clients.timeouts.body_idle);
+    watchRequestBody(req, res, serving.bodyIdle);
     this.#options.onRequest(req, res);
   }
 
