@@ -9,6 +9,7 @@ import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { DEFAULT_CLIENTS, type ClientsConfig, type ListenAddress } from '../config/schema.js';
 import { ConnectionTracker } from './connections.js';
+import { markAwaitingContinue } from '../routing/dispatch.js';
 import { applyHttp1Deadlines } from './deadlines.js';
 import { guardServer, serveHttp1Request, type GuardedServing } from './guard.js';
 import type { ClientRequest } from '../proxy/forward.js';
@@ -55,6 +56,10 @@ export class HttpListener {
       onUpgrade: options.onUpgrade,
     };
     server.on('request', (req: IncomingMessage, res: ServerResponse) => serveHttp1Request(req, res, serving));
+    server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => {
+      markAwaitingContinue(req);
+      serveHttp1Request(req, res, serving);
+    });
     guardServer(server, serving);
   }
 

@@ -13,6 +13,7 @@ import type { Duplex } from 'node:stream';
 import { DEFAULT_CLIENTS, type ClientsConfig, type ListenAddress } from '../config/schema.js';
 import type { CertificateStore } from '../tls/certificates.js';
 import { ConnectionTracker } from './connections.js';
+import { markAwaitingContinue } from '../routing/dispatch.js';
 import { applyHttp1Deadlines, Http2SessionWatch, watchRequestBody } from './deadlines.js';
 import { checkRequest, guardServer, refuse, serveHttp1Request, type GuardedServing } from './guard.js';
 import type { ClientRequest } from '../proxy/forward.js';
@@ -86,7 +87,7 @@ export class HttpsListener {
       onUpgrade: options.onUpgrade,
     };
     this.#serving = serving;
-    server.on('request', (req: IncomingMessage | Http2ServerRequest, res: Http2ServerResponse) => {
+    const onRequest = (req: IncomingMessage | Http2ServerRequest, res: Http2ServerResponse): void => {
       if (req instanceof Http2ServerRequest) {
         // Dispatch after the frames read with this HEADERS are processed: a stream the client reset
         // at once (rapid reset, CVE-2023-44487) is closed by then and never reaches an upstream.
@@ -94,6 +95,11 @@ export class HttpsListener {
         return;
       }
       serveHttp1Request(req, res, serving);
+    };
+    server.on('request', onRequest);
+    server.on('checkContinue', (req: IncomingMessage | Http2ServerRequest, res: Http2ServerResponse) => {
+      markAwaitingContinue(req);
+      onRequest(req, res);
     });
     guardServer(server, serving);
     server.on('tlsClientError', (error: Error) => report?.(error));

@@ -68,6 +68,23 @@ export interface AccessRecord {
   readonly requestId: string | undefined;
 }
 
+const kAwaitingContinue = Symbol('gatehouse.awaitingContinue');
+
+/**
+ * Mark a request whose `Expect: 100-continue` Node has not answered (it came through the server's
+ * 'checkContinue' event): the router sends `100 Continue` once the request is routed and its
+ * declared length fits the route's `max_body`, and never for a request it refuses (RFC 9110
+ * §10.1.1: a final status instead of 100 spares the client sending a body nobody reads).
+ */
+export function markAwaitingContinue(req: ClientRequest): void {
+  (req as ClientRequest & { [kAwaitingContinue]?: true })[kAwaitingContinue] = true;
+}
+
+/** True when the request still waits for `100 Continue` (see {@link markAwaitingContinue}). */
+export function awaitsContinue(req: ClientRequest): boolean {
+  return (req as ClientRequest & { [kAwaitingContinue]?: true })[kAwaitingContinue] === true;
+}
+
 /** The host a request is for: `:authority` (HTTP/2, wins over `host`), else `Host` (RFC 9113 §8.3.1). */
 export function requestHost(req: IncomingMessage | Http2ServerRequest): string | undefined {
   const headers = req.headers;
@@ -118,6 +135,13 @@ export function dispatchRequest(
   const upstream = selectUpstream(route, req);
   if (upstream === undefined) return reject(req, res, ctx, startedAt, host, site, FAILURES.noUpstream, group.retryAfterMs());
   if (ctx.draining() && req.httpVersionMajor === 1) (res as { shouldKeepAlive?: boolean }).shouldKeepAlive = false;
+  if (awaitsContinue(req)) {
+    // Routed and an upstream chosen: ask for the body now, unless its declared length is over
+    // max_body (forward answers 413 without reading it).
+    const length = Number(req.headers['content-length']);
+    const maxBody = route.config.max_body;
+    if (!(maxBody > 0 && length > maxBody)) res.writeContinue();
+  }
 
   forward(req, res, {
     upstream,
