@@ -87,12 +87,18 @@ export interface ForwardTarget {
 }
 
 /** The result of one exchange, for the access log and metrics. Valid only during `onDone`. */
-export interface ForwardOutcome {
-  /** Status sent to the client; 499 when the client left before any status was sent. */
+export interface ForwardOutcome extends ExchangeOutcome {
+  /** The original host (`Host` or `:authority`). */
+  readonly host: string;
+}
+
+/** What the access log needs of any proxied exchange: a request/response or an upgrade tunnel. */
+export interface ExchangeOutcome {
+  /** Status sent to the client; 499 when the client left before any status was sent; 101 for a tunnel. */
   readonly status: number;
-  /** Request body bytes sent upstream. */
+  /** Bytes relayed client → upstream (request body, or tunnel bytes after the switch). */
   readonly bytesIn: number;
-  /** Response body bytes received from the upstream and written to the client. */
+  /** Bytes relayed upstream → client (response body, or tunnel bytes after the switch). */
   readonly bytesOut: number;
   /** The upstream's origin, e.g. `http://127.0.0.1:8080`. */
   readonly upstream: string;
@@ -100,8 +106,6 @@ export interface ForwardOutcome {
   readonly error: string | undefined;
   /** The request id sent upstream and returned in `X-Request-Id`. */
   readonly requestId: string;
-  /** The original host (`Host` or `:authority`). */
-  readonly host: string;
 }
 
 /**

@@ -20,6 +20,7 @@ import type { TimeoutsConfig } from '../config/schema.js';
 import type { Upstream } from '../upstream/pool.js';
 import { classifyUpstreamError, errorBody, FAILURES, type ProxyFailure } from './errors.js';
 import { isHopByHopHeader, newRequestHeadFacts, toUpstreamRequestHeaders } from './headers.js';
+import type { ExchangeOutcome } from './forward.js';
 
 /** What `proxyUpgrade` needs besides the request; built by the router per request. */
 export interface UpgradeTarget {
@@ -43,19 +44,10 @@ export interface UpgradeTarget {
   readonly onDone?: (outcome: UpgradeOutcome) => void;
 }
 
-/** The result of one upgrade exchange, for the access log. */
-export interface UpgradeOutcome {
-  /** Status sent to the client: 101 for a tunnel, the upstream's status when it refused, 4xx/5xx on failure. */
-  readonly status: number;
-  /** Bytes relayed client → upstream after the switch (tunnel only). */
-  readonly bytesIn: number;
-  /** Bytes relayed upstream → client after the switch, or of the relayed refusal's body. */
-  readonly bytesOut: number;
-  readonly upstream: string;
-  /** Failure code (`GH_UPSTREAM_REFUSED`, `GH_UPGRADE_REFUSED`, ...) or `undefined`. */
-  readonly error: string | undefined;
-  readonly requestId: string;
-}
+/** The result of one upgrade exchange, for the access log: 101 for a tunnel, the upstream's
+ * status when it refused, 4xx/5xx on failure; bytes are those relayed after the switch, or of the
+ * relayed refusal's body. */
+export type UpgradeOutcome = ExchangeOutcome;
 
 /**
  * Proxies an HTTP/1.1 Upgrade request; call it from the server's `'upgrade'` event with its three
