@@ -82,8 +82,12 @@ export interface ForwardTarget {
   readonly protocol: 'http' | 'https';
   /** A request id chosen earlier (middleware). Default: the client's `X-Request-Id` if sane, else a new one. */
   readonly requestId?: string;
-  /** Called once when the exchange is over (response ended, failed or the client left). */
-  readonly onDone?: (outcome: ForwardOutcome) => void;
+  /**
+   * Called once, as a method of the target, when the exchange is over (response ended, failed or
+   * the client left). A class implementing the target can keep its per-request facts in fields
+   * instead of a closure.
+   */
+  onDone?(outcome: ForwardOutcome): void;
 }
 
 /** The result of one exchange, for the access log and metrics. Valid only during `onDone`. */
@@ -476,10 +480,9 @@ class ProxyExchange implements ForwardOutcome {
 
   private done(): void {
     this.current.inFlight--;
-    const onDone = this.target.onDone;
-    if (onDone !== undefined) {
+    if (this.target.onDone !== undefined) {
       try {
-        onDone(this);
+        this.target.onDone(this);
       } catch {
         // A failing access log must not break the proxy.
       }

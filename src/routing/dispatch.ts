@@ -12,7 +12,7 @@ import type { Http2ServerRequest } from 'node:http2';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
-import { forward, sendProxyError, type ClientRequest, type ClientResponse, type ForwardOutcome } from '../proxy/forward.js';
+import { forward, sendProxyError, type ClientRequest, type ClientResponse, type ForwardOutcome, type ForwardTarget } from '../proxy/forward.js';
 import { failure, FAILURES, type ProxyFailure } from '../proxy/errors.js';
 import { proxyUpgrade, type UpgradeOutcome } from '../proxy/upgrade.js';
 import type { SelectionContext } from '../upstream/balancer.js';
@@ -143,21 +143,48 @@ export function dispatchRequest(
     if (!(maxBody > 0 && length > maxBody)) res.writeContinue();
   }
 
-  forward(req, res, {
-    upstream,
-    group,
-    setCookie: selection.setCookie,
-    responseHeaders: ctx.protocol === 'https' ? site.httpsResponseHeaders : undefined,
-    path: route.strip === '' ? url : stripPrefix(url, route.strip),
-    maxBody: route.config.max_body,
-    clientIp: req.socket.remoteAddress ?? '',
-    protocol: ctx.protocol,
-    onDone: (outcome: ForwardOutcome) => ctx.onComplete({
-      req, startedAt, protocol: ctx.protocol, host, site, route,
+  forward(req, res, new RoutedExchange(req, ctx, startedAt, host, site, route, upstream, url));
+}
+
+/**
+ * One routed request: the target `forward` reads, and the facts the access log needs once it is
+ * done, in one object per request (no closure).
+ */
+class RoutedExchange implements ForwardTarget {
+  readonly group: RouteRuntime['group'];
+  readonly setCookie: string | undefined;
+  readonly responseHeaders: readonly string[] | undefined;
+  readonly path: string;
+  readonly maxBody: number;
+  readonly clientIp: string;
+  readonly protocol: 'http' | 'https';
+
+  constructor(
+    private readonly req: ClientRequest,
+    private readonly ctx: DispatchContext,
+    private readonly startedAt: number,
+    private readonly host: string,
+    private readonly site: SiteRuntime,
+    private readonly route: RouteRuntime,
+    readonly upstream: Upstream,
+    url: string,
+  ) {
+    this.group = route.group;
+    this.setCookie = selection.setCookie;
+    this.protocol = ctx.protocol;
+    this.responseHeaders = ctx.protocol === 'https' ? site.httpsResponseHeaders : undefined;
+    this.path = route.strip === '' ? url : stripPrefix(url, route.strip);
+    this.maxBody = route.config.max_body;
+    this.clientIp = req.socket.remoteAddress ?? '';
+  }
+
+  onDone(outcome: ForwardOutcome): void {
+    this.ctx.onComplete({
+      req: this.req, startedAt: this.startedAt, protocol: this.protocol, host: this.host, site: this.site, route: this.route,
       status: outcome.status, bytesIn: outcome.bytesIn, bytesOut: outcome.bytesOut,
       upstream: outcome.upstream, error: outcome.error, requestId: outcome.requestId,
-    }),
-  });
+    });
+  }
 }
 
 /**
