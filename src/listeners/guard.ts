@@ -250,6 +250,15 @@ export interface GuardedServing {
   readonly onUpgrade: (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
 }
 
+const kCountedSocket = Symbol('gatehouse.countedSocket');
+type CountedResponse = ClientResponse & { [kCountedSocket]?: Socket };
+
+/** 'close' listener of a counted response (one shared function, no closure per request). */
+function endCountedRequest(this: CountedResponse): void {
+  const socket = this[kCountedSocket];
+  if (socket !== undefined) requestEnded(socket);
+}
+
 /**
  * One HTTP/1.x request as both listeners take it: counted on its socket (for draining), dropped
  * when it follows a rejected request on the same connection, checked, its body watched for idle
@@ -258,7 +267,8 @@ export interface GuardedServing {
 export function serveHttp1Request(req: IncomingMessage, res: ClientResponse, serving: GuardedServing): void {
   const socket = req.socket;
   requestStarted(socket);
-  res.once('close', () => requestEnded(socket));
+  (res as CountedResponse)[kCountedSocket] = socket;
+  res.once('close', endCountedRequest);
   if (followsRejectedRequest(req)) {
     socket.destroySoon();
     return;
