@@ -20,6 +20,7 @@ export interface BackoffState {
   readonly retryAt: number;
 }
 
+/** Failure states by name: exponential delay from `baseMs` to `maxMs`, Retry-After as a floor. */
 export class Backoff {
   readonly baseMs: number;
   readonly maxMs: number;

@@ -48,6 +48,11 @@ export interface ListenAddress {
   readonly port: number;
 }
 
+/**
+ * Parse a listen address: a port (`443`, `"443"`) or `"host:port"` (`"127.0.0.1:2019"`,
+ * `"[::1]:8443"`).
+ * @returns the address, or undefined when the value is not one (port outside 0-65535, no port).
+ */
 export function parseListenAddress(value: string | number): ListenAddress | undefined {
   const isPort = (n: number) => Number.isInteger(n) && n >= 0 && n <= 65535;
   if (typeof value === 'number') return isPort(value) ? { host: undefined, port: value } : undefined;
