@@ -46,11 +46,6 @@ const DECIMAL = /^\d{1,15}$/;
 /** A request id worth keeping: 1–200 visible ASCII characters. */
 const SANE_REQUEST_ID = /^[\x21-\x7e]{1,200}$/;
 
-/** True when `name` is a valid field name (RFC 9110 §5.1). */
-export function isValidHeaderName(name: string): boolean {
-  return TOKEN.test(name);
-}
-
 /** True when `value` is a field value Node's http and http2 modules accept (RFC 9110 §5.5). */
 export function isValidHeaderValue(value: string): boolean {
   return !INVALID_VALUE_CHAR.test(value);
