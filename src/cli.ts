@@ -88,7 +88,8 @@ async function main(argv: string[]): Promise<number> {
       config = quickConfig({ from: values.from, to: values.to ?? [], internalCerts: values['internal-certs'] ?? false });
     } else {
       configFile = values.config ?? (existsSync(DEFAULT_CONFIG_FILE) ? DEFAULT_CONFIG_FILE : EMBEDDED_DEFAULT_PATH);
-      config = await loadConfigFile(configFile);
+      // The parsed-config cache in tls.storage: a restart with an unchanged file skips the YAML parse.
+      config = await loadConfigFile(configFile, { cache: true });
     }
   } catch (error) {
     process.stderr.write(`${error instanceof ConfigError ? error.message : `gatehouse: ${(error as Error).message}`}\n`);

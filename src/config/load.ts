@@ -5,11 +5,14 @@
  * `GH_CONFIG_INVALID: sites[1].routes[0].upstreams[0]: expected a URL such as "http://127.0.0.1:8080",
  * got "localhost:80" (config/gatehouse.yaml:14)`.
  */
+import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { isMap, isSeq, LineCounter, parseDocument, type Node as YamlNode } from 'yaml';
+import { CST, isMap, isSeq, Lexer, LineCounter, parseDocument, Parser, type Node as YamlNode } from 'yaml';
 import type { z } from 'zod';
+import { FileStorage } from '../tls/storage.js';
 import {
   configSchema, isLocalName, type GatehouseConfig, type ParsedConfig, type SiteConfig,
 } from './schema.js';
@@ -40,29 +43,224 @@ function formatIssue(source: string, issue: ConfigIssue): string {
 /** The config used when no file is given and `config/gatehouse.yaml` does not exist. */
 export const EMBEDDED_DEFAULT_PATH = fileURLToPath(new URL('../../config/default.yaml', import.meta.url));
 
+/** Options of {@link loadConfigFile}. */
+export interface LoadConfigOptions {
+  /**
+   * Use and keep the cache of parsed config files ({@link CONFIG_CACHE_FOLDER} in the config's
+   * `tls.storage`). Default false (`gatehouse validate` and reloads parse the file every time);
+   * `gatehouse run` turns it on.
+   */
+  readonly cache?: boolean;
+  /** Receives what the cache did (for tests and logs). Called once per load when `cache` is on. */
+  readonly onCacheResult?: (result: ConfigCacheResult) => void;
+}
+
+/** What the parsed-config cache did during one {@link loadConfigFile}. */
+export interface ConfigCacheResult {
+  /** The config was built from the cache: no YAML parse. */
+  readonly hit: boolean;
+  /** The cache file was (re)written after a real parse. */
+  readonly written: boolean;
+}
+
 /**
  * Read and validate a config file.
+ *
+ * With `options.cache`, a file whose exact bytes were parsed before is not parsed again: the plain
+ * JavaScript value the `yaml` package produced for them (`doc.toJS()`) is read back from the cache
+ * (see {@link CONFIG_CACHE_FOLDER}) and goes through the same validation (zod schema and the rules
+ * of {@link resolveConfig}) as a freshly parsed file. Any change to the file (one byte), another
+ * `yaml` package version, an unreadable or malformed cache file, or a cached value that no longer
+ * validates means a real parse, so every error still carries the file:line of the real YAML.
  * @param file path of a YAML file; relative paths inside it resolve against its folder.
  * @throws {ConfigError} (code `GH_CONFIG_INVALID`) with file:line for each problem, including an
- *   unreadable file.
+ *   unreadable file. Cache problems are never errors: the file is parsed instead.
  */
-export async function loadConfigFile(file: string): Promise<GatehouseConfig> {
-  let text: string;
+export async function loadConfigFile(file: string, options: LoadConfigOptions = {}): Promise<GatehouseConfig> {
+  let bytes: Buffer;
   try {
-    text = await readFile(file, 'utf8');
+    bytes = await readFile(file);
   } catch (error) {
     throw new ConfigError(file, [{ path: '', message: `cannot read the config file: ${(error as Error).message}`, line: undefined }]);
   }
-  return parseConfig(text, { source: file, baseDir: dirname(resolve(file)) });
+  const text = bytes.toString('utf8');
+  const where = { source: file, baseDir: dirname(resolve(file)) };
+  if (!options.cache) return parseConfig(text, where);
+  const cache = configCacheOf(file, text, bytes, where.baseDir);
+  const cached = cache === undefined ? undefined : await readConfigCache(cache, where);
+  if (cached !== undefined) {
+    options.onCacheResult?.({ hit: true, written: false });
+    return cached;
+  }
+  const raw: { value?: unknown } = {};
+  const config = parseConfig(text, where, raw);
+  // Written only where the next start looks: the storage folder the hint names is the real one.
+  const written = cache !== undefined && config.tls.storage === cache.storage.root && await writeConfigCache(cache, raw.value);
+  options.onCacheResult?.({ hit: false, written });
+  return config;
+}
+
+/**
+ * Folder of the parsed-config cache inside `tls.storage`: one file per config file path
+ * (`config-cache/<SHA-256 of the absolute path>.json`), holding the SHA-256 of the exact bytes
+ * last parsed, the version of the `yaml` package that parsed them, and `doc.toJS()` of that parse
+ * as JSON. Why: the `yaml` package builds a full syntax tree with source ranges (for the file:line
+ * of errors); for 10 000 sites that is ~1.5 s and most of a restart, where reading the cached
+ * value back is ~10 ms.
+ *
+ * Finding `tls.storage` before the file is parsed: the `yaml` package's own streaming parser
+ * (`Lexer` + `Parser`) reads the beginning of the file (at most {@link STORAGE_HINT_BUDGET}
+ * characters) until the top-level `tls` mapping is complete, and `CST.resolveAsScalar` gives the
+ * value of its `storage` key; default `./certs`. That guess only decides where to look: a cache
+ * file is used only when its SHA-256 matches the file's bytes and the config it holds resolves
+ * `tls.storage` to that same folder, and it is written only when the real parse of these bytes
+ * names that folder. So the cache sits with the private keys and `static/verified.json`, and
+ * whoever can change it can change those already.
+ */
+export const CONFIG_CACHE_FOLDER = 'config-cache';
+
+/** Version of the cache file's layout; bump it when what is stored changes. */
+const CONFIG_CACHE_FORMAT = 1;
+
+/** Characters of the config read by the streaming parser to find `tls.storage` (~30 ms at most). */
+const STORAGE_HINT_BUDGET = 64 * 1024;
+
+const YAML_VERSION: string = (() => {
+  try {
+    return (createRequire(import.meta.url)('yaml/package.json') as { version?: string }).version ?? 'unknown';
+  } catch {
+    return 'unknown';
+  }
+})();
+
+interface ConfigCacheRef {
+  readonly storage: FileStorage;
+  readonly key: string;
+  readonly file: string;
+  readonly digest: string;
+}
+
+function configCacheOf(file: string, text: string, bytes: Buffer, baseDir: string): ConfigCacheRef | undefined {
+  const storage = storageHint(text) ?? './certs';
+  const path = resolve(file);
+  return {
+    storage: new FileStorage(resolve(baseDir, storage)),
+    key: `${CONFIG_CACHE_FOLDER}/${createHash('sha256').update(path).digest('hex')}.json`,
+    file: path,
+    digest: createHash('sha256').update(bytes).digest('hex'),
+  };
+}
+
+/**
+ * The value of the top-level `tls.storage` as the `yaml` package's streaming parser sees it in the
+ * first {@link STORAGE_HINT_BUDGET} characters, once the `tls` entry is complete (another top-level
+ * key follows it). Undefined when it cannot tell; only ever a guess (see {@link CONFIG_CACHE_FOLDER}).
+ */
+export function storageHint(text: string): string | undefined {
+  try {
+    const parser = new Parser();
+    let read = 0;
+    for (const lexeme of new Lexer().lex(text)) {
+      read += lexeme.length;
+      if (read > STORAGE_HINT_BUDGET) return undefined;
+      for (const token of parser.next(lexeme)) if (token.type === 'document') return tlsStorageOf([token, token.value], true) ?? undefined;
+      if (lexeme.endsWith('\n')) {
+        const found = tlsStorageOf(parser.stack, false);
+        if (found !== null) return found;
+      }
+    }
+    for (const token of parser.end()) if (token.type === 'document') return tlsStorageOf([token, token.value], true) ?? undefined;
+  } catch {
+    // a guess only
+  }
+  return undefined;
+}
+
+/**
+ * `tls.storage` in the parser's stack of open CST nodes (`[document, top-level map, ...]`):
+ * a string or undefined once that is known, null while it may still change (the `tls` or
+ * `storage` entry is the last one seen so far and could still grow).
+ */
+function tlsStorageOf(stack: readonly (CST.Token | undefined)[], complete: boolean): string | undefined | null {
+  const unknown = complete ? undefined : null;
+  const top = stack[1];
+  if (top === undefined || top.type !== 'block-map') return unknown;
+  const index = top.items.findIndex((item) => CST.resolveAsScalar(item.key)?.value === 'tls');
+  if (index < 0) return unknown;
+  const tlsComplete = complete || index < top.items.length - 1;
+  const tls = top.items[index]!.value ?? (tlsComplete ? undefined : stack[2]);
+  if (tls === undefined || (tls.type !== 'block-map' && tls.type !== 'flow-collection')) return tlsComplete ? undefined : null;
+  const at = tls.items.findIndex((item) => CST.resolveAsScalar(item.key)?.value === 'storage');
+  if (at < 0 || (!tlsComplete && at === tls.items.length - 1)) return tlsComplete ? undefined : null;
+  const scalar = CST.resolveAsScalar(tls.items[at]!.value);
+  return scalar && scalar.value !== '' ? scalar.value : undefined;
+}
+
+/** The shape of a cache file (see {@link CONFIG_CACHE_FOLDER}). */
+interface ConfigCacheFile {
+  readonly format: number;
+  readonly yaml: string;
+  readonly file: string;
+  readonly sha256: string;
+  readonly config: unknown;
+}
+
+async function readConfigCache(cache: ConfigCacheRef, where: { source: string; baseDir: string }): Promise<GatehouseConfig | undefined> {
+  try {
+    const bytes = await cache.storage.load(cache.key);
+    if (bytes === undefined) return undefined;
+    const entry = JSON.parse(bytes.toString('utf8')) as Partial<ConfigCacheFile> | null;
+    if (entry === null || typeof entry !== 'object' || entry.format !== CONFIG_CACHE_FORMAT || entry.yaml !== YAML_VERSION
+      || entry.file !== cache.file || entry.sha256 !== cache.digest || entry.config === null || typeof entry.config !== 'object') return undefined;
+    const result = configSchema.safeParse(entry.config);
+    if (!result.success) return undefined; // parsed again, for the errors' lines
+    let failed = false;
+    const config = resolveConfig(result.data, where, () => { failed = true; });
+    return failed || config.tls.storage !== cache.storage.root ? undefined : config;
+  } catch {
+    return undefined;
+  }
+}
+
+async function writeConfigCache(cache: ConfigCacheRef, value: unknown): Promise<boolean> {
+  const json = jsonExactly(value);
+  if (json === undefined) return false;
+  const entry: ConfigCacheFile = { format: CONFIG_CACHE_FORMAT, yaml: YAML_VERSION, file: cache.file, sha256: cache.digest, config: undefined };
+  try {
+    // The config text is spliced in as it is: no second stringify of 10 000 sites.
+    await cache.storage.store(cache.key, JSON.stringify(entry).replace(/}$/, `,"config":${json}}`), { secret: true });
+    return true;
+  } catch {
+    return false; // a cache only: the next start parses the file
+  }
+}
+
+/**
+ * JSON text of `value` when JSON gives back exactly the same plain value (finite numbers other than
+ * -0, strings, booleans, null, plain arrays and objects, no `__proto__` key); else undefined.
+ */
+function jsonExactly(value: unknown): string | undefined {
+  let exact = true;
+  const json = JSON.stringify(value, function (this: unknown, key: string, item: unknown) {
+    const original = (this as Record<string, unknown>)[key]; // before toJSON (a Date would pass as a string)
+    if (original !== item) exact = false;
+    else if (key === '__proto__') exact = false;
+    else if (typeof item === 'number') exact &&= Number.isFinite(item) && !Object.is(item, -0);
+    else if (item === undefined || typeof item === 'bigint' || typeof item === 'function' || typeof item === 'symbol') exact = false;
+    else if (typeof item === 'object' && item !== null && !Array.isArray(item) && Object.getPrototypeOf(item) !== Object.prototype) exact = false;
+    return item;
+  });
+  return exact && typeof json === 'string' ? json : undefined;
 }
 
 /**
  * Validate config text.
  * @param text YAML (JSON is YAML too).
  * @param options.source name used in errors (a path); options.baseDir resolves relative paths.
+ * @param raw when given, receives `doc.toJS()` of the parse (what the config cache stores).
  * @throws {ConfigError} with every problem found, each with its option path and line.
  */
-export function parseConfig(text: string, options: { source: string; baseDir: string }): GatehouseConfig {
+export function parseConfig(text: string, options: { source: string; baseDir: string }, raw?: { value?: unknown }): GatehouseConfig {
   const lineCounter = new LineCounter();
   const doc = parseDocument(text, { lineCounter, prettyErrors: false, uniqueKeys: true });
   const lineOf = (offset: number | undefined) => (offset === undefined ? undefined : lineCounter.linePos(offset).line);
@@ -71,8 +269,9 @@ export function parseConfig(text: string, options: { source: string; baseDir: st
       path: '', message: `YAML: ${error.message.split('\n')[0]}`, line: lineOf(error.pos[0]),
     })));
   }
-  const raw: unknown = doc.toJS() ?? {};
-  const result = configSchema.safeParse(raw);
+  const value: unknown = doc.toJS() ?? {};
+  if (raw !== undefined) raw.value = value;
+  const result = configSchema.safeParse(value);
   if (!result.success) {
     throw new ConfigError(options.source, result.error.issues.map((zodIssue) => {
       const issue = unwrapUnion(zodIssue);
