@@ -131,6 +131,19 @@ h2load_run() {
     --connect-to="127.0.0.1:$port" "https://bench.localhost:$port$path" 2>&1 | parse h2load
 }
 
+# latency_run TLS_PORT PATH RATE NAME: HTTPS HTTP/1.1 at a fixed RATE (req/s in all) over
+# LATENCY_CONNECTIONS keep-alive connections (h2load --rps per connection), warm-up included;
+# percentiles from h2load's per-request log (bench/latency-stats.mjs). NAME names the files kept in $TMP.
+latency_run() {
+  local port=$1 path=$2 rate=$3 name=$4 per
+  per=$(( (rate + LATENCY_CONNECTIONS - 1) / LATENCY_CONNECTIONS ))
+  rm -f "$TMP/$name.latency.log"
+  load h2load --h1 -c"$LATENCY_CONNECTIONS" -m1 --rps="$per" -D "$DURATION" --warm-up-time="$WARMUP" \
+    --log-file="$TMP/$name.latency.log" --connect-to="127.0.0.1:$port" "https://bench.localhost:$port$path" \
+    > "$TMP/$name.latency.out" 2>&1
+  node "$BENCH_DIR/latency-stats.mjs" "$TMP/$name.latency.log" "$(( per * LATENCY_CONNECTIONS ))" "$TMP/$name.latency.out"
+}
+
 # cpu_ticks CPU: "busy total" jiffies of one CPU from /proc/stat (empty when unavailable).
 cpu_ticks() {
   awk -v cpu="cpu$1" '$1 == cpu { total = 0; for (i = 2; i <= NF; i++) total += $i; print total - $5 - $6, total }' \

@@ -27,7 +27,6 @@ for (const line of readFileSync(file, 'utf8').split('\n')) {
   }
 }
 
-const rate = /latency rate (\d+)/.exec(meta.settings ?? '')?.[1] ?? '?';
 const SCENARIO_NAMES = {
   h1: 'HTTP/1.1 plain, keep-alive, 1 KiB (req/s)',
   'h1-256k': 'HTTP/1.1 plain, keep-alive, 256 KiB (req/s)',
@@ -35,7 +34,7 @@ const SCENARIO_NAMES = {
   h2: 'HTTPS HTTP/2, 16 conns × 16 streams, 1 KiB (req/s)',
   'tls-new': 'New TLS connection per request (handshakes/s)',
   ws: 'WebSocket echo, 16 conns × 4 in flight (msg/s)',
-  latency: `Latency at ${rate} req/s, HTTPS h1: p50 / p99 (ms, lower is better)`,
+  latency: 'Latency, HTTPS h1 at a fixed rate: p50 / p99 ms, p99 added over the direct backend at that rate, rate (lower is better)',
 };
 
 const isLatency = (scenario) => scenario === 'latency';
@@ -55,12 +54,44 @@ function cell(target, scenario) {
   if (!result) return noteFor('not run');
   if (!measured(scenario, result)) return noteFor(`${TARGET_NAMES[target] ?? target}: ${result.error ?? 'no figure'}`);
   const base = results.get(`gatehouse ${scenario}`);
-  let text = isLatency(scenario) ? `${formatMs(result.p50)} / ${formatMs(result.p99)}` : formatRate(result.value);
+  let text = isLatency(scenario) ? latencyText(result) : formatRate(result.value);
   if (target !== 'gatehouse' && measured(scenario, base)) {
     const ratio = isLatency(scenario) ? result.p99 / base.p99 : result.value / base.value;
     text += isLatency(scenario) ? ` (p99 ${ratio.toFixed(2)}×)` : ` (${ratio.toFixed(2)}×)`;
   }
   return text;
+}
+
+function latencyText(result) {
+  let text = `${formatMs(result.p50)} / ${formatMs(result.p99)}`;
+  if (Number.isFinite(result.added_p99)) text += `, +${formatMs(Math.max(0, result.added_p99))}`;
+  return `${text} @ ${formatRate(result.rate)}/s`;
+}
+
+// The performance issue's targets, Gatehouse ÷ Caddy in this run (throughput) or p99 added (ms).
+const TARGETS = [
+  { scenario: 'h1', name: 'plain HTTP/1.1, 1 KiB', min: 1.5 },
+  { scenario: 'h1-tls', name: 'HTTPS HTTP/1.1, 1 KiB', min: 1.5 },
+  { scenario: 'h2', name: 'HTTPS HTTP/2', min: 2 },
+  { scenario: 'h1-256k', name: '256 KiB bodies', min: 1 },
+  { scenario: 'tls-new', name: 'handshakes/s', min: 1 },
+];
+
+function targetLines() {
+  const lines = [];
+  for (const t of TARGETS) {
+    if (!scenarios.includes(t.scenario)) continue;
+    const g = results.get(`gatehouse ${t.scenario}`);
+    const c = results.get(`caddy ${t.scenario}`);
+    if (!measured(t.scenario, g) || !measured(t.scenario, c)) continue;
+    const ratio = g.value / c.value;
+    lines.push(`| ${t.name} | Gatehouse ÷ Caddy ${ratio.toFixed(2)}× | ≥ ${t.min}× | ${ratio >= t.min ? 'met' : 'not met'} |`);
+  }
+  const lat = results.get('gatehouse latency');
+  if (scenarios.includes('latency') && measured('latency', lat) && Number.isFinite(lat.added_p99)) {
+    lines.push(`| p99 added at ${formatRate(lat.rate)} req/s | ${formatMs(lat.added_p99)} ms | < 2 ms | ${lat.added_p99 < 2 ? 'met' : 'not met'} |`);
+  }
+  return lines;
 }
 
 const out = [];
@@ -76,6 +107,15 @@ for (const scenario of scenarios) {
 out.push('');
 out.push('Ratios in parentheses: that column ÷ Gatehouse (throughput: above 1 means faster than Gatehouse; ' +
   'latency: p99 ratio, below 1 means lower latency than Gatehouse). Only ratios from one run are comparable.');
+const verdicts = targetLines();
+if (verdicts.length > 0) {
+  out.push('');
+  out.push('Targets of the performance issue, in this run:');
+  out.push('');
+  out.push('| Target | Measured | Wanted | |');
+  out.push('|---|---:|---:|---|');
+  out.push(...verdicts);
+}
 if (cpu.size > 0) {
   out.push('');
   out.push('CPU busy during each measurement, load CPU / proxy CPU (%). A proxy well below 100% was not the');

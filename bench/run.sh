@@ -9,7 +9,8 @@
 #   BENCH_WARMUP     seconds of warm-up before each measurement (default 2)
 #   BENCH_SCENARIOS  comma list (default all): h1,h1-256k,h1-tls,h2,tls-new,ws,latency
 #   BENCH_TARGETS    comma list (default all): direct,gatehouse,nginx,caddy,haproxy
-#   BENCH_RATE       requests/s of the latency scenario (default 1000)
+#   BENCH_RATE       requests/s of the latency scenario (default: half of the same target's h1-tls
+#                    req/s in this run, or 1000 when h1-tls was not measured)
 #   BENCH_INSTALL    0 = never apt-get install missing tools (default 1, as root only)
 set -uo pipefail
 
@@ -22,7 +23,8 @@ cd "$ROOT" || exit 1
 
 DURATION=${BENCH_DURATION:-10}
 WARMUP=${BENCH_WARMUP:-2}
-RATE=${BENCH_RATE:-1000}
+RATE=${BENCH_RATE:-}
+LATENCY_CONNECTIONS=32
 WRK_CONNECTIONS=50
 ALL_SCENARIOS=h1,h1-256k,h1-tls,h2,tls-new,ws,latency
 ALL_TARGETS=direct,gatehouse,nginx,caddy,haproxy
@@ -83,7 +85,8 @@ if reason=$(check "http://127.0.0.1:$BACKEND_PORT/1k" 1024); then :; else log "b
 printf '#meta\tdate\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" >> "$RESULTS"
 printf '#meta\tmachine\t%s CPUs, %s\n' "$(nproc --all)" \
   "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //' || uname -m)" >> "$RESULTS"
-printf '#meta\tsettings\tduration %ss, warm-up %ss, latency rate %s req/s\n' "$DURATION" "$WARMUP" "$RATE" >> "$RESULTS"
+printf '#meta\tsettings\tduration %ss, warm-up %ss, latency rate %s\n' "$DURATION" "$WARMUP" \
+  "${RATE:+$RATE req/s}${RATE:-half of the h1-tls req/s of each target}" >> "$RESULTS"
 
 # --- targets: start one, measure every scenario, stop it ---
 
@@ -127,6 +130,36 @@ start_target() {
 
 is_tls_scenario() { case $1 in h1-tls|h2|tls-new|latency) return 0 ;; *) return 1 ;; esac; }
 
+# result_value TARGET SCENARIO: the throughput recorded for it in this run (integer), or nothing.
+result_value() {
+  node -e '
+    const [file, target, scenario] = process.argv.slice(1);
+    for (const line of require("node:fs").readFileSync(file, "utf8").split("\n")) {
+      const f = line.split("\t");
+      if (f[0] === target && f[1] === scenario) { try { const v = JSON.parse(f[2]).value; if (Number.isFinite(v)) console.log(Math.round(v)); } catch {} }
+    }' "$RESULTS" "$1" "$2" | tail -n 1
+}
+
+# The latency scenario: p50/p99 at half of the target's own h1-tls saturation (from this run),
+# then the direct backend at the same rate: what the proxy adds is p99(target) - p99(direct).
+latency_scenario() {
+  local rate=$RATE sat own direct
+  if [ -z "$rate" ]; then
+    sat=$(result_value "$TARGET_NAME" h1-tls)
+    if [ -n "$sat" ] && [ "$sat" -ge 200 ]; then rate=$(( sat / 2 )); else rate=1000; fi
+  fi
+  own=$(latency_run "$TARGET_TLS" /1k "$rate" "$TARGET_NAME" | tail -n 1)
+  if [ "$TARGET_NAME" = direct ]; then echo "$own"; return; fi
+  direct=$(latency_run "$BACKEND_TLS_PORT" /1k "$rate" "$TARGET_NAME-direct" | tail -n 1)
+  node -e '
+    const own = JSON.parse(process.argv[1]);
+    let direct; try { direct = JSON.parse(process.argv[2]); } catch { direct = { error: "no result" }; }
+    if (Number.isFinite(own.p99) && Number.isFinite(direct.p99)) {
+      Object.assign(own, { direct_p50: direct.p50, direct_p99: direct.p99, added_p99: own.p99 - direct.p99 });
+    } else if (Number.isFinite(own.p99)) own.direct_error = direct.error ?? "no figure";
+    console.log(JSON.stringify(own));' "$own" "$direct"
+}
+
 run_scenario() {  # run_scenario SCENARIO: prints one JSON result line.
   case $1 in
     h1)       wrk_run "http://127.0.0.1:$TARGET_PLAIN/1k" ;;
@@ -137,7 +170,7 @@ run_scenario() {  # run_scenario SCENARIO: prints one JSON result line.
     ws)       local ws_url="ws://127.0.0.1:$TARGET_PLAIN/ws"
               [ "$TARGET_NAME" = direct ] && ws_url="ws://127.0.0.1:$WS_PORT/ws"
               load node "$BENCH_DIR/ws-client.mjs" "$ws_url" "$DURATION" "$WARMUP" ;;
-    latency)  load node "$BENCH_DIR/latency.mjs" "https://127.0.0.1:$TARGET_TLS" /1k "$RATE" "$DURATION" "$WARMUP" ;;
+    latency)  latency_scenario ;;
     *)        echo '{"value":null,"error":"unknown scenario"}' ;;
   esac
 }
