@@ -16,7 +16,11 @@ import { createSecureContext, type SecureContext, type SecureContextOptions, typ
 import { createHash, randomBytes } from 'node:crypto';
 import { LRUCache } from 'lru-cache';
 import type { Certificate, CertificateSource } from './source.js';
-import { CertificateError, certificateFromPem, certificateFromVerifiedPem, normalizeHostName, type LeafFacts } from './pem.js';
+import { availableParallelism } from 'node:os';
+import { fork, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { CertificateError, certificateFromVerifiedPem, normalizeHostName, verifyPemPair, type CertificateErrorCode, type LeafFacts } from './pem.js';
+import type { VerifyBatch, VerifyBatchResult, VerifyJob } from './verify-worker.js';
 import type { Storage } from './storage.js';
 
 /**
@@ -538,6 +542,13 @@ export interface StaticLoadOptions {
   readonly logger?: Pick<TlsLogger, 'warn'>;
   /** Receives what the cache did during this load (for logs and tests). Default: nothing. */
   readonly onCacheStats?: (stats: StaticCacheStats) => void;
+  /**
+   * Worker processes (`tls/verify-worker.ts`) that verify the pairs the cache does not know
+   * (OpenSSL parsing is ~0.6 ms a pair on one core). 0 or 1: in this process. Default: when at
+   * least 256 pairs need verifying, `os.availableParallelism()` (the CPUs this process may run on,
+   * so 1 under `taskset -c 1`) up to 4, else 0. Every check and every error is the same either way.
+   */
+  readonly workers?: number;
 }
 
 /** What the cache of verified pairs did during one {@link loadStaticCertificates}. */
@@ -583,60 +594,169 @@ const VERIFIED_PAIRS_FORMAT = 1;
  * recorded. When anything changed, the cache is rewritten once at the end, holding exactly the
  * pairs of this load (entries of removed certificates are dropped). Nothing is written when the
  * load fails; a cache that cannot be read or written is reported to `options.logger` and ignored.
+ * The pairs the cache does not know are verified in worker processes when there are many and
+ * several CPUs (see {@link StaticLoadOptions.workers}), with the same checks and errors.
  * @returns certificates with source `static`, in the order given.
  * @throws {CertificateError} `GH_TLS_FILE_UNREADABLE` (missing file, permissions) or any code of
- *   {@link certificateFromPem}; the message names the file.
+ *   {@link certificateFromPem}; the message names the file. When several pairs are bad, the error
+ *   is the one of the first in the order given. An Error when a worker process cannot start or dies.
  */
 export async function loadStaticCertificates(entries: readonly { readonly cert: string; readonly key: string }[], options: StaticLoadOptions = {}): Promise<Certificate[]> {
   const { storage, logger } = options;
   const cached = storage === undefined ? undefined : await readVerifiedPairs(storage, logger);
   const seen = new Map<string, LeafFacts>();
   let hits = 0;
-  let misses = 0;
   // Synchronous reads in batches, yielding to the event loop between batches (a reload must not
   // stall the connections being served): 20 000 small files take ~0.15 s this way against ~1.3 s
   // through fs/promises (a FileHandle, fstat and close per file, each a thread-pool round trip),
   // and only two files are open at any time (10 000 certificates once failed with EMFILE).
-  const certificates: Certificate[] = [];
+  // Phase 1 reads every pair and takes what the cache knows; phase 2 verifies the rest with
+  // OpenSSL, in worker threads when there are many. The error thrown is the one of the first pair
+  // (in the order given) that fails, whichever phase found it, as when pairs were checked one by one.
+  const certificates: (Certificate | undefined)[] = [];
+  const misses: Miss[] = [];
+  let unreadable: CertificateError | undefined;
   for (let index = 0; index < entries.length; index++) {
     if (index > 0 && index % STATIC_BATCH === 0) await new Promise<void>((resolve) => setImmediate(resolve));
     const { cert, key } = entries[index]!;
-    const certBytes = readBytes(cert);
-    const keyBytes = readBytes(key);
+    let certBytes: Buffer;
+    let keyBytes: Buffer;
+    try {
+      certBytes = readBytes(cert);
+      keyBytes = readBytes(key);
+    } catch (error) {
+      unreadable = error as CertificateError;
+      break;
+    }
     const certPem = certBytes.toString('utf8');
     const keyPem = keyBytes.toString('utf8');
-    if (storage === undefined) {
-      certificates.push(certificateFromPem(certPem, keyPem, 'static', { certFile: cert, keyFile: key }));
-      continue;
-    }
-    const digest = pairDigest(certBytes, keyBytes);
-    const facts = cached?.get(digest) ?? seen.get(digest);
+    const digest = storage === undefined ? undefined : pairDigest(certBytes, keyBytes);
+    const facts = digest === undefined ? undefined : cached?.get(digest) ?? seen.get(digest);
     const hit = facts === undefined ? undefined : certificateFromVerifiedPem(certPem, keyPem, 'static', facts);
     if (hit !== undefined) {
       hits++;
-      seen.set(digest, facts!);
+      seen.set(digest!, facts!);
       certificates.push(hit);
       continue;
     }
-    misses++;
-    const certificate = certificateFromPem(certPem, keyPem, 'static', { certFile: cert, keyFile: key });
-    seen.set(digest, certificate);
-    certificates.push(certificate);
+    certificates.push(undefined);
+    misses.push({ index, digest, job: { certPem, keyPem, certFile: cert, keyFile: key } });
   }
+  const workers = misses.length === 0 ? 0 : options.workers ?? (misses.length >= WORKERS_MIN_PAIRS ? Math.min(availableParallelism(), MAX_WORKERS) : 0);
+  const verified = workers > 1 ? await verifyInWorkers(misses, workers) : await verifyInThread(misses);
+  let failure: { index: number; error: CertificateError } | undefined;
+  for (let i = 0; i < misses.length; i++) {
+    const { index, digest, job } = misses[i]!;
+    const result = verified[i];
+    if (result === undefined) break; // not verified: a pair before it failed
+    if (result instanceof CertificateError) {
+      failure ??= { index, error: result };
+      continue;
+    }
+    certificates[index] = certificateFromVerifiedPem(job.certPem, job.keyPem, 'static', result);
+    if (digest !== undefined) seen.set(digest, result);
+  }
+  if (failure !== undefined) throw failure.error; // misses are in order: the first failure is the earliest pair
+  if (unreadable !== undefined) throw unreadable;
   if (storage !== undefined) {
     let dropped = 0;
     for (const digest of cached?.keys() ?? []) if (!seen.has(digest)) dropped++;
-    const changed = misses > 0 || dropped > 0 || (cached === undefined && seen.size > 0);
+    const changed = misses.length > 0 || dropped > 0 || (cached === undefined && seen.size > 0);
     const written = changed && await writeVerifiedPairs(storage, seen, logger);
-    options.onCacheStats?.({ hits, misses, dropped, written });
+    options.onCacheStats?.({ hits, misses: misses.length, dropped, written });
   } else {
-    options.onCacheStats?.({ hits: 0, misses: certificates.length, dropped: 0, written: false });
+    options.onCacheStats?.({ hits: 0, misses: misses.length, dropped: 0, written: false });
   }
-  return certificates;
+  return certificates as Certificate[];
 }
 
-/** Certificates read and parsed by {@link loadStaticCertificates} between two yields (~3 ms). */
+/** Certificates read (and, in this thread, verified) by {@link loadStaticCertificates} between two yields (~3 ms to read, ~80 ms to verify). */
 const STATIC_BATCH = 128;
+
+/** A pair the cache did not know: its place in the list, its cache key, and what to verify. */
+interface Miss {
+  readonly index: number;
+  readonly digest: string | undefined;
+  readonly job: VerifyJob;
+}
+
+/** Pairs to verify before {@link loadStaticCertificates} uses worker processes by default: below
+ * this, starting them (~50 ms each) costs more than it saves. */
+const WORKERS_MIN_PAIRS = 256;
+/** Most worker processes {@link loadStaticCertificates} starts by default. */
+const MAX_WORKERS = 4;
+/** Pairs per message to a worker (~40 ms of OpenSSL work). */
+const WORKER_BATCH = 64;
+
+/** Verify in this thread, yielding to the event loop between batches. */
+async function verifyInThread(misses: readonly Miss[]): Promise<(LeafFacts | CertificateError)[]> {
+  const parsedChain = new Set<string>();
+  const out: (LeafFacts | CertificateError)[] = [];
+  for (let i = 0; i < misses.length; i++) {
+    if (i > 0 && i % STATIC_BATCH === 0) await new Promise<void>((resolve) => setImmediate(resolve));
+    const { job } = misses[i]!;
+    try {
+      out.push(verifyPemPair(job.certPem, job.keyPem, { certFile: job.certFile, keyFile: job.keyFile }, parsedChain));
+    } catch (error) {
+      if (!(error instanceof CertificateError)) throw error;
+      out.push(error);
+      break; // the first failure is the one reported; the pairs after it need no work
+    }
+  }
+  return out;
+}
+
+/** The worker script next to this module (`.ts` when the sources run under tsx, in tests). */
+const VERIFY_WORKER_TS = import.meta.url.endsWith('.ts');
+const VERIFY_WORKER_FILE = fileURLToPath(new URL(VERIFY_WORKER_TS ? './verify-worker.ts' : './verify-worker.js', import.meta.url));
+
+/**
+ * Verify in `count` worker processes ({@link VERIFY_WORKER_FILE}), batches of {@link WORKER_BATCH}
+ * pairs (the bytes read here, so what is verified is what was hashed) handed to whichever worker
+ * is free. The workers are stopped before this returns.
+ * @throws when a worker cannot start or dies (not a certificate problem).
+ */
+async function verifyInWorkers(misses: readonly Miss[], count: number): Promise<(LeafFacts | CertificateError)[]> {
+  const out: (LeafFacts | CertificateError)[] = new Array(misses.length);
+  const batches = Math.ceil(misses.length / WORKER_BATCH);
+  const workers: ChildProcess[] = [];
+  let next = 0;
+  let done = 0;
+  try {
+    await new Promise<void>((resolveAll, rejectAll) => {
+      const send = (worker: ChildProcess): void => {
+        if (next >= batches) return;
+        const id = next++;
+        worker.send({ id, jobs: misses.slice(id * WORKER_BATCH, (id + 1) * WORKER_BATCH).map((miss) => miss.job) } satisfies VerifyBatch);
+      };
+      for (let w = 0; w < Math.min(count, batches); w++) {
+        const worker = fork(VERIFY_WORKER_FILE, [], {
+          serialization: 'advanced',
+          stdio: ['ignore', 'ignore', 'inherit', 'ipc'],
+          execArgv: VERIFY_WORKER_TS ? ['--import', 'tsx'] : [],
+        });
+        workers.push(worker);
+        worker.on('message', ({ id, results }: VerifyBatchResult) => {
+          results.forEach((result, offset) => {
+            out[id * WORKER_BATCH + offset] = 'error' in result
+              ? new CertificateError(result.error.code as CertificateErrorCode, result.error.message.replace(/^GH_TLS_[A-Z_]+: /, ''), { file: result.error.file })
+              : { names: result.names, notBefore: new Date(result.notBefore), notAfter: new Date(result.notAfter), issuer: result.issuer };
+          });
+          if (++done === batches) resolveAll();
+          else send(worker);
+        });
+        worker.on('error', rejectAll);
+        worker.on('exit', (code, signal) => {
+          if (done < batches) rejectAll(new Error(`certificate verification worker exited (${signal ?? `code ${code}`}) before it was done`));
+        });
+        send(worker);
+      }
+    });
+  } finally {
+    for (const worker of workers) if (worker.exitCode === null && worker.signalCode === null) worker.kill();
+  }
+  return out;
+}
 
 function readBytes(file: string): Buffer {
   try {

@@ -57,6 +57,21 @@ export interface PemOrigin {
  *   leaf names nothing.
  */
 export function certificateFromPem(certPem: string, keyPem: string, source: string, origin: PemOrigin = {}): Certificate {
+  return freezeCertificate(splitPemChain(certPem), keyPem, source, verifyPemPair(certPem, keyPem, origin));
+}
+
+/**
+ * The checks of {@link certificateFromPem}, without building the {@link Certificate}: every
+ * certificate block parsed by OpenSSL (`X509Certificate`), the key parsed (`createPrivateKey`),
+ * `checkPrivateKey` against the leaf, and at least one name. Used by the static certificate loader,
+ * also in worker threads (`tls/verify-worker.ts`).
+ * @param parsedChain chain blocks (exact PEM text) already parsed by OpenSSL without error, e.g.
+ *   the intermediate shared by thousands of files: not parsed again (same text, same result). The
+ *   blocks this call parses are added. Default: none, every block is parsed.
+ * @returns what was read from the leaf.
+ * @throws {CertificateError} with the codes of {@link certificateFromPem}, naming the file.
+ */
+export function verifyPemPair(certPem: string, keyPem: string, origin: PemOrigin = {}, parsedChain?: Set<string>): LeafFacts {
   const certFile = origin.certFile ?? 'certificate';
   const keyFile = origin.keyFile ?? 'key';
   const blocks = splitPemChain(certPem);
@@ -66,7 +81,11 @@ export function certificateFromPem(certPem: string, keyPem: string, source: stri
   let leaf: X509Certificate;
   try {
     leaf = new X509Certificate(blocks[0]!);
-    for (let i = 1; i < blocks.length; i++) new X509Certificate(blocks[i]!);
+    for (let i = 1; i < blocks.length; i++) {
+      if (parsedChain?.has(blocks[i]!)) continue;
+      new X509Certificate(blocks[i]!);
+      parsedChain?.add(blocks[i]!);
+    }
   } catch (error) {
     throw new CertificateError('GH_TLS_CERT_INVALID', `${certFile}: cannot parse the certificate (${(error as Error).message})`, { file: origin.certFile, cause: error });
   }
@@ -83,12 +102,7 @@ export function certificateFromPem(certPem: string, keyPem: string, source: stri
   if (names.length === 0) {
     throw new CertificateError('GH_TLS_NO_NAMES', `${certFile}: the certificate names no host (no subjectAltName and no CN)`, { file: origin.certFile });
   }
-  return freezeCertificate(blocks, keyPem, source, {
-    names,
-    notBefore: new Date(leaf.validFrom),
-    notAfter: new Date(leaf.validTo),
-    issuer: issuerNameOf(leaf),
-  });
+  return { names, notBefore: new Date(leaf.validFrom), notAfter: new Date(leaf.validTo), issuer: issuerNameOf(leaf) };
 }
 
 /** What {@link certificateFromPem} reads from the leaf with OpenSSL, besides the PEM texts. */
