@@ -9,7 +9,8 @@
 // 1. Generates SCALE_CERTS certificates (a CA, then one P-256 leaf and key per site) and writes
 //    two configs: one site, and SCALE_SITES sites each with its own static certificate.
 // 2. Start-up: spawn → first 200 answered for the last site, for each config: a first start
-//    without the cache of verified certificates, then a restart on the same storage folder.
+//    without the caches (verified certificates, parsed config), then a restart on the same
+//    storage folder.
 // 3. Routing: wrk (plain h1) and h2load (HTTPS h1, SNI = the site) on a site in the middle, with
 //    one site and with SCALE_SITES sites: req/s of each.
 // 4. Idle connections: with SCALE_SITES sites, a separate node process opens SCALE_CONNECTIONS
@@ -133,10 +134,11 @@ async function main() {
   const results = { sites: SITES, certs: CERTS };
   if (process.env.SCALE_ONLY_CONFIG) { await stop(backend); return; }
   // Start-up, twice on the same storage folder: the first start with no cache of verified
-  // certificates (removed before it), then a restart that finds it (startup_*_first_ms and
+  // certificates and no parsed-config cache (removed before it), then a restart that finds it (startup_*_first_ms and
   // startup_*_restart_ms); startup_*_ms is the better of the two.
   for (const [label, file, host] of [['one', 'one.yaml', siteName(middle)], ['many', 'many.yaml', siteName(SITES - 1)]]) {
     rmSync(join(tmp, 'storage', 'static', 'verified.json'), { force: true });
+    rmSync(join(tmp, 'storage', 'config-cache'), { recursive: true, force: true }); // the parsed-config cache too
     const rounds = [];
     for (let round = 0; round < 2; round++) {
       const { child, ms } = await startGatehouse(join(tmp, file), host);
