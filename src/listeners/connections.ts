@@ -28,6 +28,18 @@ export function isIdle(socket: Socket): boolean {
   return ((socket as CountedSocket)[ACTIVE] ?? 0) === 0;
 }
 
+const TRACKED_IN = Symbol('gatehouse.trackedIn');
+type Tracked = (Socket | Http2Session) & { [TRACKED_IN]?: Set<Socket | Http2Session> };
+
+/**
+ * 'close' listener of every tracked socket and session: one shared function, the set it leaves
+ * rides on a symbol. (A closure per connection, wrapped by `once`, cost four objects, ~200 bytes,
+ * for as long as the connection lived.) 'close' is emitted once, so `on` is enough.
+ */
+function untrack(this: Tracked): void {
+  this[TRACKED_IN]?.delete(this);
+}
+
 /** Sockets and HTTP/2 sessions of one server. */
 export class ConnectionTracker {
   readonly #sockets = new Set<Socket>();
@@ -38,12 +50,14 @@ export class ConnectionTracker {
   constructor(server: NetServer, connectionEvent: 'connection' | 'secureConnection' = 'connection') {
     server.on(connectionEvent, (socket: Socket) => {
       this.#sockets.add(socket);
-      socket.once('close', () => this.#sockets.delete(socket));
+      (socket as Tracked)[TRACKED_IN] = this.#sockets as Set<Socket | Http2Session>;
+      socket.on('close', untrack);
       if (this.#draining) socket.destroySoon();
     });
     server.on('session', (session: Http2Session) => {
       this.#sessions.add(session);
-      session.once('close', () => this.#sessions.delete(session));
+      (session as Tracked)[TRACKED_IN] = this.#sessions as Set<Socket | Http2Session>;
+      session.on('close', untrack);
       if (this.#draining) session.close();
     });
   }

@@ -126,6 +126,8 @@ interface SessionState {
   pingSentAt: number;
   /** When the last PING was answered (or the session started). */
   pingAnsweredAt: number;
+  /** The watch's set of sessions, which this one leaves on 'close' ({@link onSessionClose}). */
+  readonly watched: Set<WatchedSession>;
 }
 
 type WatchedSession = Http2Session & { [kWatch]?: SessionState };
@@ -161,9 +163,9 @@ export class Http2SessionWatch {
 
   #add(session: WatchedSession): void {
     const now = performance.now();
-    session[kWatch] = { streams: 0, idleSince: now, pingSentAt: 0, pingAnsweredAt: 0 };
+    session[kWatch] = { streams: 0, idleSince: now, pingSentAt: 0, pingAnsweredAt: 0, watched: this.#sessions };
     this.#sessions.add(session);
-    session.once('close', () => this.#sessions.delete(session));
+    session.on('close', onSessionClose);
     this.#timer ??= setInterval(() => this.#check(), checkingInterval(Math.min(this.#headersMs, this.#idleMs))).unref();
   }
 
@@ -198,6 +200,11 @@ export class Http2SessionWatch {
   }
 }
 
+/** 'close' listener of every watched session: one shared function, no closure per session. */
+function onSessionClose(this: WatchedSession): void {
+  this[kWatch]?.watched.delete(this);
+}
+
 function onPingAnswered(this: WatchedSession, error: Error | null): void {
   const state = this[kWatch];
   if (state === undefined || error !== null) return;
@@ -214,7 +221,7 @@ function onStream(stream: WatchedStream): void {
   state.pingSentAt = 0;
   state.pingAnsweredAt = performance.now();
   stream[kWatch] = session;
-  stream.once('close', onStreamClose);
+  stream.on('close', onStreamClose); // emitted once: `once` would wrap the listener per stream
 }
 
 function onStreamClose(this: WatchedStream): void {

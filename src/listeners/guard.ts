@@ -268,7 +268,7 @@ export function serveHttp1Request(req: IncomingMessage, res: ClientResponse, ser
   const socket = req.socket;
   requestStarted(socket);
   (res as CountedResponse)[kCountedSocket] = socket;
-  res.once('close', endCountedRequest);
+  res.on('close', endCountedRequest); // emitted once: `once` would wrap the listener per request
   if (followsRejectedRequest(req)) {
     socket.destroySoon();
     return;
