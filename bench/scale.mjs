@@ -15,7 +15,11 @@
 //    one site and with SCALE_SITES sites: req/s of each.
 // 4. Idle connections: with SCALE_SITES sites, a separate node process opens SCALE_CONNECTIONS
 //    TLS connections (each a full handshake and one keep-alive request), leaves them idle; the
-//    cost is (RSS after − RSS before) / connections. Once with ALPN http/1.1, once with h2.
+//    cost is (RSS after − RSS before) / connections. Once with ALPN http/1.1, once with h2; and
+//    (SCALE_IDLE_NAMES) with SNI and Host spread over every site (one certificate per name: each
+//    connection also holds its name's SecureContext), with one name for every connection (one
+//    certificate, the cost of a connection alone), or both (default). SCALE_ONLY_IDLE=1 measures
+//    only this (no start-up or routing runs).
 // Gatehouse runs on CPU 1, the load and the backend (nginx, one worker) on CPU 0. Everything
 // listens on 127.0.0.1; every process is stopped by pid and the temp dir removed at exit.
 import { spawn, execFileSync } from 'node:child_process';
@@ -133,6 +137,48 @@ async function main() {
 
   const results = { sites: SITES, certs: CERTS };
   if (process.env.SCALE_ONLY_CONFIG) { await stop(backend); return; }
+  // Idle TLS keep-alive connections: HTTP/1.1, then HTTP/2 (one session and one finished stream
+  // each); SNI and Host spread over every site ('each': one certificate per name, so every
+  // connection also holds its name's SecureContext) and/or all on the middle site ('one': one
+  // name, one certificate: what a connection costs by itself). Keys: idle_{h1,h2}[_one_name]_*.
+  const idleNames = process.env.SCALE_IDLE_NAMES ?? 'both';
+  const measureIdle = async () => {
+    for (const names of idleNames === 'both' ? ['each', 'one'] : [idleNames]) {
+      for (const protocol of ['http/1.1', 'h2']) {
+        const key = `${protocol === 'h2' ? 'h2' : 'h1'}${names === 'one' ? '_one_name' : ''}`;
+        const { child } = await startGatehouse(join(tmp, 'many.yaml'), siteName(middle));
+        await sleep(2000);
+        const before = rssKiB(child.pid);
+        const [sites, base] = names === 'one' ? [1, middle] : [SITES, 0];
+        const client = start('idle-client', 'taskset', ['-c', cpuLoad, process.execPath, join(BENCH_DIR, 'scale.mjs'), '--idle-client', String(tlsPort), String(CONNECTIONS), String(sites), protocol, String(base)]);
+        const began = performance.now();
+        await waitFor(async () => /ready/.test(client.output), 600_000, () => client.output, 500);
+        const openSeconds = (performance.now() - began) / 1000;
+        await sleep(3000);
+        const after = rssKiB(child.pid);
+        const opened = Number(/ready (\d+)/.exec(client.output)?.[1] ?? 0);
+        const perConnection = (after - before) / opened;
+        results[`idle_${key}_connections`] = opened;
+        results[`idle_${key}_rss_before_kib`] = before;
+        results[`idle_${key}_rss_after_kib`] = after;
+        results[`kib_per_idle_${key}_tls_connection`] = Number(perConnection.toFixed(1));
+        log(`${opened} idle TLS ${protocol} connections, ${names === 'one' ? 'one name' : `SNI over ${SITES} names`} (opened in ${openSeconds.toFixed(1)} s): RSS ${before} → ${after} KiB, ${perConnection.toFixed(1)} KiB per connection`);
+        await stop(client);
+        await stop(child);
+      }
+    }
+  };
+  const idleRows = () => ['h1', 'h2', 'h1_one_name', 'h2_one_name'].filter((key) => results[`idle_${key}_connections`] !== undefined).map((key) => {
+    const what = `${key.startsWith('h1') ? 'HTTP/1.1' : 'HTTP/2'}, ${key.endsWith('_one_name') ? 'one name' : 'one certificate per name'}`;
+    return `| Idle TLS keep-alive connections, ${what}: RSS per connection (KiB) | | ${results[`kib_per_idle_${key}_tls_connection`]} (${results[`idle_${key}_connections`]} connections, ${Math.round(results[`idle_${key}_rss_before_kib`] / 1024)} → ${Math.round(results[`idle_${key}_rss_after_kib`] / 1024)} MiB) |`;
+  });
+  if (process.env.SCALE_ONLY_IDLE) {
+    await measureIdle();
+    await stop(backend);
+    process.stdout.write(`${JSON.stringify(results)}\n`);
+    process.stdout.write(['', `| Measure | | ${SITES} sites, ${CERTS} certificates |`, '|---|---:|---:|', ...idleRows(), ''].join('\n'));
+    return;
+  }
   // Start-up, twice on the same storage folder: the first start with no cache of verified
   // certificates and no parsed-config cache (removed before it), then a restart that finds it (startup_*_first_ms and
   // startup_*_restart_ms); startup_*_ms is the better of the two.
@@ -168,28 +214,7 @@ async function main() {
     await stop(child);
   }
 
-  // Idle TLS keep-alive connections: HTTP/1.1, then HTTP/2 (one session and one finished stream each).
-  for (const protocol of ['http/1.1', 'h2']) {
-    const key = protocol === 'h2' ? 'h2' : 'h1';
-    const { child } = await startGatehouse(join(tmp, 'many.yaml'), siteName(middle));
-    await sleep(2000);
-    const before = rssKiB(child.pid);
-    const client = start('idle-client', 'taskset', ['-c', cpuLoad, process.execPath, join(BENCH_DIR, 'scale.mjs'), '--idle-client', String(tlsPort), String(CONNECTIONS), String(SITES), protocol]);
-    t0 = performance.now();
-    await waitFor(async () => /ready/.test(client.output), 600_000, () => client.output, 500);
-    const openSeconds = (performance.now() - t0) / 1000;
-    await sleep(3000);
-    const after = rssKiB(child.pid);
-    const opened = Number(/ready (\d+)/.exec(client.output)?.[1] ?? 0);
-    const perConnection = (after - before) / opened;
-    results[`idle_${key}_connections`] = opened;
-    results[`idle_${key}_rss_before_kib`] = before;
-    results[`idle_${key}_rss_after_kib`] = after;
-    results[`kib_per_idle_${key}_tls_connection`] = Number(perConnection.toFixed(1));
-    log(`${opened} idle TLS ${protocol} connections (opened in ${openSeconds.toFixed(1)} s): RSS ${before} → ${after} KiB, ${perConnection.toFixed(1)} KiB per connection`);
-    await stop(client);
-    await stop(child);
-  }
+  await measureIdle();
   await stop(backend);
   process.stdout.write(`${JSON.stringify(results)}\n`);
   process.stdout.write([
@@ -197,15 +222,19 @@ async function main() {
     `| Start-up, spawn → first 200 (ms) | ${results.startup_one_ms} | ${results.startup_many_ms} |`,
     `| Plain HTTP/1.1 keep-alive 1 KiB (req/s) | ${results.h1_one} | ${results.h1_many} |`,
     `| HTTPS HTTP/1.1 keep-alive 1 KiB, SNI (req/s) | ${results.h1_tls_one} | ${results.h1_tls_many} |`,
-    ...['h1', 'h2'].map((key) => `| Idle TLS keep-alive connections, ${key === 'h1' ? 'HTTP/1.1' : 'HTTP/2'}: RSS per connection (KiB) | | ${results[`kib_per_idle_${key}_tls_connection`]} (${results[`idle_${key}_connections`]} connections, ${Math.round(results[`idle_${key}_rss_before_kib`] / 1024)} → ${Math.round(results[`idle_${key}_rss_after_kib`] / 1024)} MiB) |`),
+    ...idleRows(),
     '',
   ].join('\n'));
 }
 
-/** The separate client process: open N TLS connections (SNI spread over the sites), one request each, keep them open. */
-async function idleClient([port, count, sites, protocol = 'http/1.1']) {
+/**
+ * The separate client process: open N TLS connections (SNI spread over `sites` sites from site
+ * number `base`: 1 and base = one name for all), one request each, keep them open.
+ */
+async function idleClient([port, count, sites, protocol = 'http/1.1', base = '0']) {
   const n = Number(count);
-  if (protocol === 'h2') return idleClientH2(Number(port), n, Number(sites));
+  const siteHost = (i) => `site${Number(base) + (i % Number(sites))}.scale.test`;
+  if (protocol === 'h2') return idleClientH2(Number(port), n, siteHost);
   const secureContext = tls.createSecureContext();
   const request = (host) => Buffer.from(`GET /1k HTTP/1.1\r\nHost: ${host}\r\n\r\n`);
   const sockets = [];
@@ -214,7 +243,7 @@ async function idleClient([port, count, sites, protocol = 'http/1.1']) {
   let failed = 0;
   const openOne = () => new Promise((resolve) => {
     const i = next++;
-    const host = `site${i % Number(sites)}.scale.test`;
+    const host = siteHost(i);
     const socket = tls.connect({ host: '127.0.0.1', port: Number(port), servername: host, ALPNProtocols: ['http/1.1'], rejectUnauthorized: false, secureContext }, () => socket.write(request(host)));
     let got = 0;
     const done = (ok) => { if (ok) opened++; else failed++; resolve(); };
@@ -229,7 +258,7 @@ async function idleClient([port, count, sites, protocol = 'http/1.1']) {
 }
 
 /** The same over HTTP/2: N sessions, one request each, left open. */
-async function idleClientH2(port, n, sites) {
+async function idleClientH2(port, n, siteHost) {
   const { connect } = await import('node:http2');
   const sessions = [];
   let next = 0;
@@ -237,7 +266,7 @@ async function idleClientH2(port, n, sites) {
   let failed = 0;
   const openOne = () => new Promise((resolve) => {
     const i = next++;
-    const host = `site${i % sites}.scale.test`;
+    const host = siteHost(i);
     const session = connect(`https://${host}:${port}`, { host: '127.0.0.1', servername: host, rejectUnauthorized: false, createConnection: () => tls.connect({ host: '127.0.0.1', port, servername: host, ALPNProtocols: ['h2'], rejectUnauthorized: false }) });
     sessions.push(session);
     session.on('error', () => {});
