@@ -324,6 +324,21 @@ describe('forward', () => {
     assert.equal(viaH2.body.length, size);
     assert.equal(sha256(viaH2.body), expected);
     assert.equal(harness.outcomes.at(-1)!.bytesOut, size);
+    // With a Content-Length the HTTP/2 response is written to the stream itself, not through the
+    // compat response: same bytes, same backpressure, and the length goes out.
+    const sizedH2 = await h2(session, { ':path': `/bytes/${size}` });
+    assert.equal(sizedH2.status, 200);
+    assert.equal(sizedH2.headers['content-length'], String(size));
+    assert.equal(sizedH2.headers.via, '1.1 gatehouse');
+    assert.equal(sizedH2.body.length, size);
+    assert.equal(sha256(sizedH2.body), expected);
+    assert.equal(harness.outcomes.at(-1)!.bytesOut, size);
+    // HEAD: the header only, the stream ends without DATA.
+    const head = await h2(session, { ':method': 'HEAD', ':path': '/bytes/1000' });
+    assert.equal(head.status, 200);
+    assert.equal(head.headers['content-length'], '1000');
+    assert.equal(head.body.length, 0);
+    assert.equal(harness.outcomes.at(-1)!.error, undefined);
   });
 
   test('upstream trailers reach HTTP/1.1 and HTTP/2 clients', async () => {

@@ -20,7 +20,7 @@
  * common path — first attempt succeeds — allocates nothing for this.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { constants as http2Constants, type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
+import { constants as http2Constants, type Http2ServerRequest, type Http2ServerResponse, type ServerHttp2Stream } from 'node:http2';
 import { Readable } from 'node:stream';
 import type { Dispatcher } from 'undici';
 import type { TimeoutsConfig } from '../config/schema.js';
@@ -193,6 +193,12 @@ class ProxyExchange implements ForwardOutcome {
   host = '';
 
   private readonly http2: boolean;
+  /**
+   * HTTP/2 only: the response goes straight to the `ServerHttp2Stream` (`respond`/`write`/`end`)
+   * instead of through the compat `Http2ServerResponse`, whose `writeHead` copies and validates
+   * every field a second time (see `respondDirect`). Set per response in `onHeaders`.
+   */
+  private direct: ServerHttp2Stream | null = null;
   private readonly maxBody: number;
   private abortUpstream: ((error?: Error) => void) | null = null;
   private resumeUpstream: (() => void) | null = null;
@@ -314,7 +320,11 @@ class ProxyExchange implements ForwardOutcome {
     const extra = this.target.responseHeaders;
     if (this.setCookie !== undefined || extra !== undefined) addResponseHeaders(headers, this.http2, this.setCookie, extra);
     try {
-      (this.res as ServerResponse).writeHead(statusCode, headers as string[]);
+      if (this.http2 && respondDirect(this.res as Http2ServerResponse, statusCode, headers as Record<string, string | string[]>, this.req.method === 'HEAD')) {
+        this.direct = (this.res as Http2ServerResponse).stream;
+      } else {
+        (this.res as ServerResponse).writeHead(statusCode, headers as string[]);
+      }
     } catch {
       this.abortUpstream?.(new ProxyAbortError(FAILURES.badResponse));
       return false;
@@ -327,10 +337,11 @@ class ProxyExchange implements ForwardOutcome {
   onData(chunk: Buffer): boolean {
     this.bytesOut += chunk.length;
     if (this.clientGone) return true;
-    const res = this.res as ServerResponse;
+    const res = this.direct ?? this.res as ServerResponse;
     // Keep reading while less than RESPONSE_BUFFER is queued for the client, though write() says
     // false past the socket's 16 KiB mark: pausing the upstream for each 64 KiB chunk costs a
-    // readStop/readStart pair and an event-loop turn per chunk on large bodies.
+    // readStop/readStart pair and an event-loop turn per chunk on large bodies. ('drain' is listened
+    // for on the compat response in both cases: it relays the stream's.)
     if (res.write(chunk) || res.writableLength < RESPONSE_BUFFER) return true;
     if (!this.drainListening) {
       this.drainListening = true;
@@ -342,7 +353,10 @@ class ProxyExchange implements ForwardOutcome {
   onComplete(trailers: string[] | Buffer[] | null): void {
     if (this.finished) return;
     this.finished = true;
-    if (!this.clientGone) {
+    if (this.direct !== null) {
+      // A response with a Content-Length: no trailers (HTTP/1.1 sends them only after chunks).
+      if (!this.clientGone && !this.direct.writableEnded) this.direct.end();
+    } else if (!this.clientGone) {
       const clientTrailers = toClientTrailers(trailers);
       try {
         if (clientTrailers !== undefined) this.res.addTrailers(clientTrailers);
@@ -536,6 +550,32 @@ function onClientClose(this: ExchangeCarrier): void {
 
 function onClientDrain(this: ExchangeCarrier): void {
   this[kExchange]?.clientDrained();
+}
+
+/**
+ * Starts an HTTP/2 response on its stream directly when nothing needs the compat response's own
+ * `writeHead`/`write`/`end`: no instance overrides them (the debug capture does), and the answer
+ * cannot carry trailers (it has a `Content-Length`, or no body: HEAD, 204, 304), since trailers
+ * need the compat layer's `waitForTrailers`. Fields set with `res.setHeader` are sent as well. The
+ * compat response still relays the stream's
+ * 'drain' and 'close', and `headersSent` reads the stream's. Node adds `date` when it is missing
+ * and ends the stream at once for HEAD, 204 and 304, as the compat layer does.
+ * @param head the request is a HEAD (no body follows).
+ * @returns false (nothing written) when the compat path must be used.
+ * @throws what `ServerHttp2Stream.respond` throws (an invalid field or a closed stream).
+ */
+function respondDirect(res: Http2ServerResponse, status: number, headers: Record<string, string | string[]>, head: boolean): boolean {
+  if (Object.hasOwn(res, 'writeHead') || Object.hasOwn(res, 'write') || Object.hasOwn(res, 'end')) return false;
+  const stream = res.stream;
+  if (headers['content-length'] === undefined && status !== 204 && status !== 304 && !head) return false;
+  if (stream.destroyed || stream.closed || stream.headersSent) return false;
+  // Fields set earlier with `res.setHeader` (the rate limit's RateLimit fields) go out too; the
+  // upstream's translated fields win on a name both have, as with the compat writeHead.
+  const set = res.getHeaders();
+  for (const name in set) if (headers[name] === undefined) headers[name] = set[name] as string | string[];
+  headers[':status'] = String(status);
+  stream.respond(headers);
+  return true;
 }
 
 function isHttp2Response(res: ClientResponse): res is Http2ServerResponse {
