@@ -33,6 +33,8 @@ import tls from 'node:tls';
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const ROOT = dirname(BENCH_DIR);
+/** How long the idle client pauses at half its connections (the parent waits 3 s of it, then reads RSS). */
+const HALF_PAUSE_MS = 6000;
 
 if (process.argv[2] === '--idle-client') await idleClient(process.argv.slice(3));
 else await main();
@@ -152,17 +154,26 @@ async function main() {
         const [sites, base] = names === 'one' ? [1, middle] : [SITES, 0];
         const client = start('idle-client', 'taskset', ['-c', cpuLoad, process.execPath, join(BENCH_DIR, 'scale.mjs'), '--idle-client', String(tlsPort), String(CONNECTIONS), String(sites), protocol, String(base)]);
         const began = performance.now();
+        await waitFor(async () => /half|ready/.test(client.output), 600_000, () => client.output, 500);
+        await sleep(3000);
+        const middleRss = rssKiB(child.pid);
+        const half = Number(/half (\d+)/.exec(client.output)?.[1] ?? 0);
         await waitFor(async () => /ready/.test(client.output), 600_000, () => client.output, 500);
-        const openSeconds = (performance.now() - began) / 1000;
+        const openSeconds = (performance.now() - began) / 1000 - HALF_PAUSE_MS / 1000;
         await sleep(3000);
         const after = rssKiB(child.pid);
         const opened = Number(/ready (\d+)/.exec(client.output)?.[1] ?? 0);
         const perConnection = (after - before) / opened;
+        // The second half alone: both readings follow a burst of handshakes, and neither holds
+        // the start-up's leftovers, so this is the steadier figure of the two.
+        const perConnectionSecondHalf = (after - middleRss) / (opened - half);
         results[`idle_${key}_connections`] = opened;
         results[`idle_${key}_rss_before_kib`] = before;
+        results[`idle_${key}_rss_half_kib`] = middleRss;
         results[`idle_${key}_rss_after_kib`] = after;
         results[`kib_per_idle_${key}_tls_connection`] = Number(perConnection.toFixed(1));
-        log(`${opened} idle TLS ${protocol} connections, ${names === 'one' ? 'one name' : `SNI over ${SITES} names`} (opened in ${openSeconds.toFixed(1)} s): RSS ${before} → ${after} KiB, ${perConnection.toFixed(1)} KiB per connection`);
+        results[`kib_per_idle_${key}_tls_connection_second_half`] = Number(perConnectionSecondHalf.toFixed(1));
+        log(`${opened} idle TLS ${protocol} connections, ${names === 'one' ? 'one name' : `SNI over ${SITES} names`} (opened in ${openSeconds.toFixed(1)} s): RSS ${before} → ${middleRss} (${half}) → ${after} KiB, ${perConnection.toFixed(1)} KiB per connection, ${perConnectionSecondHalf.toFixed(1)} for the second half`);
         await stop(client);
         await stop(child);
       }
@@ -170,9 +181,12 @@ async function main() {
   };
   const idleRows = () => ['h1', 'h2', 'h1_one_name', 'h2_one_name'].filter((key) => results[`idle_${key}_connections`] !== undefined).map((key) => {
     const what = `${key.startsWith('h1') ? 'HTTP/1.1' : 'HTTP/2'}, ${key.endsWith('_one_name') ? 'one name' : 'one certificate per name'}`;
-    return `| Idle TLS keep-alive connections, ${what}: RSS per connection (KiB) | | ${results[`kib_per_idle_${key}_tls_connection`]} (${results[`idle_${key}_connections`]} connections, ${Math.round(results[`idle_${key}_rss_before_kib`] / 1024)} → ${Math.round(results[`idle_${key}_rss_after_kib`] / 1024)} MiB) |`;
+    return `| Idle TLS keep-alive connections, ${what}: RSS per connection (KiB), all / second half | | ${results[`kib_per_idle_${key}_tls_connection`]} / ${results[`kib_per_idle_${key}_tls_connection_second_half`]} (${results[`idle_${key}_connections`]} connections, ${Math.round(results[`idle_${key}_rss_before_kib`] / 1024)} → ${Math.round(results[`idle_${key}_rss_half_kib`] / 1024)} → ${Math.round(results[`idle_${key}_rss_after_kib`] / 1024)} MiB) |`;
   });
   if (process.env.SCALE_ONLY_IDLE) {
+    // A first start in a new storage folder builds the caches and leaves a larger heap behind
+    // (the start-up runs do this otherwise): start and stop once so every "before" is a restart.
+    await stop((await startGatehouse(join(tmp, 'many.yaml'), siteName(middle))).child);
     await measureIdle();
     await stop(backend);
     process.stdout.write(`${JSON.stringify(results)}\n`);
@@ -251,8 +265,7 @@ async function idleClient([port, count, sites, protocol = 'http/1.1', base = '0'
     socket.on('error', () => { if (got < 1024) done(false); });
     sockets.push(socket);
   });
-  const worker = async () => { while (next < n) await openOne(); };
-  await Promise.all(Array.from({ length: 64 }, worker));
+  await openInTwoHalves(n, () => next, openOne, () => opened);
   process.stdout.write(`ready ${opened} failed ${failed}\n`);
   setInterval(() => {}, 1 << 30);
 }
@@ -276,10 +289,25 @@ async function idleClientH2(port, n, siteHost) {
     request.on('end', () => { opened++; resolve(); });
     request.on('error', () => { failed++; resolve(); });
   });
-  const worker = async () => { while (next < n) await openOne(); };
-  await Promise.all(Array.from({ length: 64 }, worker));
+  await openInTwoHalves(n, () => next, openOne, () => opened);
   process.stdout.write(`ready ${opened} failed ${failed}\n`);
   setInterval(() => {}, 1 << 30);
+}
+
+/**
+ * Opens `n` connections 64 at a time in two halves: after the first, prints `half <opened>` and
+ * pauses HALF_PAUSE_MS, so that the parent can read the server's RSS with n/2 connections open
+ * (the second half's RSS growth is the cost of a connection without the start-up's leftovers).
+ */
+async function openInTwoHalves(n, next, openOne, opened) {
+  for (const limit of [Math.floor(n / 2), n]) {
+    const worker = async () => { while (next() < limit) await openOne(); };
+    await Promise.all(Array.from({ length: 64 }, worker));
+    if (limit < n) {
+      process.stdout.write(`half ${opened()}\n`);
+      await sleep(HALF_PAUSE_MS);
+    }
+  }
 }
 
 function rssKiB(pid) {
