@@ -82,7 +82,8 @@ export interface CertificateStoreOptions {
    * clients give up far sooner). */
   readonly obtainTimeout?: number;
   /** SecureContexts kept (LRU, by certificate). Default 1000; a context holds about 10 KiB of
-   * parsed keys. Evicted contexts are built again on their next handshake (~0.1 ms). */
+   * parsed keys. An evicted context still held by a live connection serves its name again; one no
+   * connection holds is built again on its next handshake (~0.1 ms). */
   readonly contextCacheSize?: number;
   /** A certificate is replaced in the background (when the policy names a source) once this
    * fraction of its lifetime is left. Default 1/3 (Let's Encrypt's advice). */
@@ -115,6 +116,9 @@ interface Entry {
 
 const SESSION_ID_CONTEXT = 'gatehouse';
 
+/** On a native SecureContext: its `tls.SecureContext` wrapper (see `#contextOf`). */
+const WRAPPER = Symbol('gatehouse.secureContextWrapper');
+
 /**
  * Certificates by name and the SNI callback that serves them.
  * Lookups are two Map reads (exact, then wildcard), whatever the number of certificates.
@@ -123,6 +127,8 @@ export class CertificateStore {
   readonly #index = new Map<string, Entry>();
   readonly #entries = new Set<Entry>();
   readonly #contexts: LRUCache<Entry, SecureContext>;
+  /** Contexts the LRU evicted, weakly: live connections may still hold them (see `#contextOf`). */
+  readonly #evicted = new Map<Entry, WeakRef<SecureContext>>();
   readonly #inflight = new Map<string, Promise<Certificate | undefined>>();
   readonly #failedAt = new Map<string, number>();
   readonly #servers = new Set<TlsServer>();
@@ -146,7 +152,12 @@ export class CertificateStore {
     this.#ticketKeys = options.ticketKeys ?? randomBytes(48);
     if (this.#ticketKeys.length !== 48) throw new RangeError('ticketKeys must be 48 bytes');
     this.#logger = options.logger;
-    this.#contexts = new LRUCache({ max: options.contextCacheSize ?? 1000 });
+    this.#contexts = new LRUCache<Entry, SecureContext>({
+      max: options.contextCacheSize ?? 1000,
+      dispose: (context, entry, reason) => {
+        if (reason === 'evict') this.#evicted.set(entry, new WeakRef(context));
+      },
+    });
   }
 
   /**
@@ -334,6 +345,7 @@ export class CertificateStore {
     if (entry.references > 0) return;
     this.#entries.delete(entry);
     this.#contexts.delete(entry);
+    this.#evicted.delete(entry);
   }
 
   #lookup(name: string): Entry | undefined {
@@ -344,10 +356,22 @@ export class CertificateStore {
     return this.#index.get('*' + name.slice(dot));
   }
 
+  /**
+   * The context of an entry: from the LRU; else the one the LRU evicted, while connections still
+   * hold it (with more names in use than the LRU keeps, building it again would give each such
+   * name a second live copy, ~30 KiB each); else a new one. Node keeps a connection's SNI context
+   * by its native part (`context.context`), so the native part keeps its wrapper: the weak
+   * reference lives exactly as long as some connection uses the context.
+   */
   #contextOf(entry: Entry): SecureContext {
     let context = this.#contexts.get(entry);
     if (context === undefined) {
-      context = createSecureContext(this.#contextOptions(entry.certificate));
+      context = this.#evicted.get(entry)?.deref();
+      this.#evicted.delete(entry);
+      if (context === undefined) {
+        context = createSecureContext(this.#contextOptions(entry.certificate));
+        (context.context as Record<symbol, unknown>)[WRAPPER] = context;
+      }
       this.#contexts.set(entry, context);
     }
     return context;
