@@ -82,6 +82,30 @@ sites:
     assert.ok(Date.now() - started >= 400);
   });
 
+  it('TLS handshake deadline runs from the accept: a first byte just before it buys no more time', async () => {
+    const socket = net.connect({ host: '127.0.0.1', port: gh.httpsPort });
+    socket.on('error', () => {});
+    const started = Date.now();
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    socket.write(Buffer.from([0x16, 0x03, 0x01])); // the start of a TLS record header, then nothing
+    assert.equal(await waitClosed(socket, 5_000), true);
+    const closedAfter = Date.now() - started;
+    assert.ok(closedAfter >= 400, `closed after ${closedAfter} ms`);
+    // A deadline restarted by that byte would close it at ~900 ms.
+    assert.ok(closedAfter < 850, `closed after ${closedAfter} ms: the deadline restarted at the first byte`);
+  });
+
+  it('a connection whose handshake is done outlives the handshake deadline', async () => {
+    const s = await session(gh.httpsPort);
+    try {
+      assert.equal((await h2Request(s, { ':path': '/after-handshake-1' })).status, 200);
+      await new Promise((resolve) => setTimeout(resolve, 800)); // past the 500 ms deadline, under the 1 s idle one
+      assert.equal((await h2Request(s, { ':path': '/after-handshake-2' })).status, 200);
+    } finally {
+      s.close();
+    }
+  });
+
   it('advertises bounded SETTINGS: maxConcurrentStreams and maxHeaderListSize', async () => {
     const s = await session(gh.httpsPort);
     try {

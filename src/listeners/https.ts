@@ -10,6 +10,7 @@ import { createSecureServer, Http2ServerRequest, type Http2SecureServer, type Ht
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { createServer as createNetServer, type AddressInfo, type Server as NetServer, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
+import type { TLSSocket } from 'node:tls';
 import { DEFAULT_CLIENTS, type ClientsConfig, type ListenAddress } from '../config/schema.js';
 import type { CertificateStore } from '../tls/certificates.js';
 import { ConnectionTracker } from './connections.js';
@@ -56,6 +57,11 @@ export class HttpsListener {
   readonly #options: HttpsListenerOptions;
   readonly #sessions: Http2SessionWatch;
   readonly #serving: GuardedServing;
+  readonly #handshakeMs: number;
+  /** False once a TLS socket turned out not to know its TCP socket (`_parent`): see {@link onHandshakeDeadline}. */
+  #mapsRawSockets = true;
+  /** TCP connections not handed to the TLS server yet (no byte so far): closed by {@link close}. */
+  readonly #pending = new Set<RawSocket>();
   #tcp: NetServer | undefined;
   #detach: (() => void) | undefined;
 
@@ -74,6 +80,7 @@ export class HttpsListener {
       maxSessionRejectedStreams: 100,
     });
     this.server = server;
+    this.#handshakeMs = clients.timeouts.handshake;
     applyHttp1Deadlines(server, clients);
     this.#tracker = new ConnectionTracker(server, 'secureConnection');
     this.#sessions = new Http2SessionWatch(server, clients.timeouts);
@@ -103,6 +110,16 @@ export class HttpsListener {
     });
     guardServer(server, serving);
     server.on('tlsClientError', (error: Error) => report?.(error));
+    server.on('secureConnection', (socket: TLSSocket) => {
+      // The handshake is done: end the deadline that started at the accept (see #accept).
+      const raw = (socket as TLSSocket & { _parent?: RawSocket })._parent;
+      if (raw?.[kAccepted] === undefined) {
+        this.#mapsRawSockets = false;
+        return;
+      }
+      clearTimeout(raw[kAccepted].deadline);
+      raw[kAccepted] = undefined;
+    });
     server.on('sessionError', (error: Error) => report?.(error));
     this.#detach = options.store.attach(server);
   }
@@ -132,21 +149,52 @@ export class HttpsListener {
    * @throws the listen error (EADDRINUSE, EACCES for ports < 1024 without the capability).
    */
   async listen(): Promise<AddressInfo> {
-    const { address, acceptConnection } = this.#options;
-    if (acceptConnection !== undefined) {
-      // Take TCP connections ourselves and hand them to the TLS server when the hook says so.
-      const tcp = createNetServer({ pauseOnConnect: false }, (socket) => {
-        acceptConnection(socket, (s) => this.server.emit('connection', s));
-      });
-      this.#tcp = tcp;
-      await listenOn(tcp, address);
-      // The TLS server itself never listens: start Node's HTTP/1 header-deadline checks, which
-      // it only starts on 'listening' (without them HTTP/1 connections have no header deadline).
-      this.server.emit('listening');
-      return tcp.address() as AddressInfo;
-    }
-    await listenOn(this.server, address);
-    return this.server.address() as AddressInfo;
+    // Take TCP connections ourselves (#accept) and hand them to the TLS server.
+    const tcp = createNetServer({ pauseOnConnect: false }, (socket) => this.#accept(socket));
+    this.#tcp = tcp;
+    await listenOn(tcp, this.#options.address);
+    // The TLS server itself never listens: start Node's HTTP/1 header-deadline checks, which
+    // it only starts on 'listening' (without them HTTP/1 connections have no header deadline).
+    this.server.emit('listening');
+    return tcp.address() as AddressInfo;
+  }
+
+  /**
+   * A new TCP connection: the `acceptConnection` hook (ACME TLS-ALPN-01) first, then its first
+   * bytes are read here and pushed back before the TLS server takes the socket. Node then hands
+   * them to the TLS layer itself, whose input buffer starts the size of that chunk; when the TLS
+   * layer reads a new socket first, it keeps a 64 KiB buffer (libuv's read size) for the life of
+   * the connection, ~10 KiB of it resident. The handshake deadline runs from here, the accept:
+   * Node's own (`handshakeTimeout`) starts only when the TLS server gets the socket.
+   */
+  #accept(socket: Socket): void {
+    const raw = socket as RawSocket;
+    raw[kAccepted] = { listener: this, deadline: setTimeout(onHandshakeDeadline, this.#handshakeMs, raw).unref() };
+    this.#pending.add(raw);
+    raw.on('error', onRawError);
+    raw.on('close', onRawClose);
+    const hook = this.#options.acceptConnection;
+    if (hook !== undefined) hook(raw, readFirstBytes);
+    else readFirstBytes(raw);
+  }
+
+  /** @internal The first bytes of `socket` arrived (pushed back): the TLS server takes it. */
+  handOver(socket: RawSocket): void {
+    this.#pending.delete(socket);
+    this.server.emit('connection', socket);
+  }
+
+  /** @internal A TCP connection closed (before or after the handover). */
+  closed(socket: RawSocket): void {
+    this.#pending.delete(socket);
+  }
+
+  /** @internal The handshake of a connection accepted `clients.timeouts.handshake` ago has not finished: close it. */
+  handshakeDeadline(socket: RawSocket): void {
+    if (socket.destroyed || !this.#mapsRawSockets) return; // (then Node's deadline, from the handover, applies)
+    const error = Object.assign(new Error('TLS handshake timeout'), { code: 'ERR_TLS_HANDSHAKE_TIMEOUT' });
+    this.#serving.report?.(error);
+    socket.destroy();
   }
 
   /** Stop accepting, let in-flight requests finish for up to `graceMs`, then close everything. */
@@ -154,6 +202,7 @@ export class HttpsListener {
     this.#detach?.();
     this.#detach = undefined;
     this.#tcp?.close();
+    for (const socket of this.#pending) socket.destroy(); // connected, but not one byte sent: nothing in flight
     await this.#tracker.drain(this.server, graceMs);
     this.#sessions.stop();
   }
@@ -173,4 +222,37 @@ export function listenOn(server: NetServer, address: ListenAddress): Promise<voi
 
 function dispatchStream(req: Http2ServerRequest, res: Http2ServerResponse, listener: HttpsListener): void {
   listener.dispatchStream(req, res);
+}
+
+const kAccepted = Symbol('gatehouse.accepted');
+
+/** A TCP connection of the HTTPS listener, from the accept until it closes. */
+type RawSocket = Socket & { [kAccepted]?: { readonly listener: HttpsListener; readonly deadline: NodeJS.Timeout } };
+
+/** Wait for the first bytes of `socket` (also when the ACME hook paused it with bytes pushed back). */
+function readFirstBytes(socket: Socket): void {
+  socket.once('data', onFirstBytes);
+  socket.resume();
+}
+
+function onFirstBytes(this: RawSocket, chunk: Buffer): void {
+  this.pause();
+  this.unshift(chunk);
+  this[kAccepted]?.listener.handOver(this);
+}
+
+function onHandshakeDeadline(socket: RawSocket): void {
+  socket[kAccepted]?.listener.handshakeDeadline(socket);
+}
+
+/** Errors of the TCP socket itself (a reset before the first bytes): it is gone, nothing to answer. */
+function onRawError(this: RawSocket): void {
+  this.destroy();
+}
+
+function onRawClose(this: RawSocket): void {
+  const accepted = this[kAccepted];
+  if (accepted === undefined) return;
+  clearTimeout(accepted.deadline);
+  accepted.listener.closed(this);
 }
