@@ -6,6 +6,7 @@
  *   npm run soak                      # 10 minutes
  *   SOAK_SECONDS=60 npm run soak      # a short run
  *   SOAK_WORKERS=12 npm run soak      # more concurrent clients (default 8)
+ *   SOAK_ONLY="upstream short body" npm run soak   # only these scenarios (comma list), to chase one
  *
  * Exits 1 when the server died, a good request failed, or a bad one was answered as if it were
  * good; descriptor and memory figures are reported, not judged (compare start and end).
@@ -24,6 +25,7 @@ import { rawExchange } from '../helpers/raw-http.ts';
 
 const SECONDS = Number(process.env.SOAK_SECONDS ?? 600);
 const WORKERS = Number(process.env.SOAK_WORKERS ?? 8);
+const ONLY = process.env.SOAK_ONLY?.split(',').map((name) => name.trim()).filter(Boolean);
 const CLI = fileURLToPath(new URL('../../dist/cli.js', import.meta.url));
 
 interface Sample { readonly at: number; readonly rssKiB: number; readonly fds: number }
@@ -225,6 +227,11 @@ sites:
     }],
   ];
 
+  if (ONLY !== undefined && ONLY.length > 0) {
+    const unknown = ONLY.filter((name) => !scenarios.some(([n]) => n === name));
+    if (unknown.length > 0) throw new Error(`SOAK_ONLY: no scenario named ${unknown.join(', ')}`);
+    scenarios.splice(0, scenarios.length, ...scenarios.filter(([name]) => ONLY.includes(name)));
+  }
   const samples: Sample[] = [];
   // Warm up (first certificates, JIT, pools), then take the start figures.
   for (const [, run] of scenarios) await run().catch(() => {});
