@@ -54,6 +54,22 @@ const EXPECTED: Record<string, Expected> = {
   '/never-answers': { status: 504 },
 };
 
+/**
+ * An HTTP/2 session to Gatehouse's HTTPS port with SNI `localhost`. Rejects when it cannot connect;
+ * later session errors are ignored (each stream reports its own end through its `rstCode`).
+ */
+function connectH2(port: number): Promise<ClientHttp2Session> {
+  return new Promise((resolve, reject) => {
+    const s = http2Connect(`https://127.0.0.1:${port}`, { servername: 'localhost', rejectUnauthorized: false });
+    s.once('error', reject);
+    s.once('connect', () => {
+      s.off('error', reject);
+      s.on('error', () => {});
+      resolve(s);
+    });
+  });
+}
+
 function fdCount(): number {
   return readdirSync('/proc/self/fd').length;
 }
@@ -139,11 +155,7 @@ sites:
         assert.equal(one.complete, true, `h1 ${path}: incomplete answer`);
         if (expected.body !== undefined) assert.equal(one.body, expected.body);
       }
-      const session = await new Promise<ClientHttp2Session>((resolve, reject) => {
-        const s = http2Connect(`https://127.0.0.1:${gh.httpsPort}`, { servername: 'localhost', rejectUnauthorized: false });
-        s.once('connect', () => resolve(s));
-        s.once('error', reject);
-      });
+      const session = await connectH2(gh.httpsPort);
       try {
         const two = await h2(session, path);
         assert.equal(two.status, expected.status, `h2 ${path}`);
@@ -187,19 +199,13 @@ sites:
         retries: { count: 0 }
         passive_health: { max_fails: 100000 }
 `);
-    const connect = (): Promise<ClientHttp2Session> => new Promise((resolve, reject) => {
-      const s = http2Connect(`https://127.0.0.1:${cli.httpsPort}`, { servername: 'localhost', rejectUnauthorized: false });
-      s.on('error', () => {});
-      s.once('connect', () => resolve(s));
-      s.once('close', () => reject(new Error('session closed before connecting')));
-    });
-    let session = await connect();
+    let session = await connectH2(cli.httpsPort);
     try {
       const ended: number[] = [];
       let reset = 0;
       for (let round = 0; round < 60; round++) {
         // A session the server ends (GOAWAY after many reset streams) is replaced, as a browser would.
-        if (session.closed || session.destroyed) session = await connect();
+        if (session.closed || session.destroyed) session = await connectH2(cli.httpsPort);
         const answers = await Promise.all(Array.from({ length: 25 }, () => h2(session, '/cut')));
         for (const answer of answers) {
           if (answer.rstCode === 0) ended.push(answer.body.length);
