@@ -8,7 +8,7 @@ import { connect as http2Connect, constants, type ClientHttp2Session, type Incom
 import net from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { startGatehouse, type TestGatehouse } from './helpers/gatehouse.ts';
-import { collectFrames, FRAME, getFields, goawayOf, h2Connect, headersFrame, rstStreamFrame } from './helpers/h2frames.ts';
+import { collectFrames, FRAME, getFields, goawayOf, h2Connect, headersFrame, NGHTTP2_REFUSES_USERINFO, rstStreamFrame } from './helpers/h2frames.ts';
 import { startEchoUpstream, type EchoReport } from './helpers/upstreams.ts';
 
 type Echo = Awaited<ReturnType<typeof startEchoUpstream>>;
@@ -226,11 +226,17 @@ sites:
     }
   });
 
-  it('userinfo in :authority → 400, never forwarded', async () => {
+  it('userinfo in :authority → 400 (nghttp2 >= 1.64: stream reset), never forwarded', async () => {
     const s = await session(gh.httpsPort);
     try {
       const answer = await h2Request(s, { ':path': '/userinfo-authority', ':authority': 'user:pw@localhost' });
-      assert.equal(answer.status, 400, answer.body);
+      if (NGHTTP2_REFUSES_USERINFO) {
+        // Node's nghttp2 resets the stream as malformed before Gatehouse sees the request.
+        assert.equal(answer.status, 0, 'no response before the reset');
+        assert.equal(answer.rstCode, constants.NGHTTP2_PROTOCOL_ERROR);
+      } else {
+        assert.equal(answer.status, 400, answer.body);
+      }
     } finally {
       s.close();
     }

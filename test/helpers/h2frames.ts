@@ -124,3 +124,15 @@ export function h2Connect(port: number, options: { servername?: string; preface?
 export function getFields(authority: string, path = '/', extra: readonly (readonly [string, string])[] = []): (readonly [string, string])[] {
   return [[':method', 'GET'], [':scheme', 'https'], [':authority', authority], [':path', path], ...extra];
 }
+
+/**
+ * True when this Node's HTTP/2 stack refuses a request whose `:authority` or `host` carries userinfo
+ * (`user@host`) before the server's code sees it: from nghttp2 1.64.0 (nghttp2/nghttp2#2262), `@` in
+ * those values makes the request malformed and the stream is reset with PROTOCOL_ERROR (RFC 9113
+ * §8.3.1, §8.1.1). Node 22.23 (nghttp2 1.69) and 24.21 (1.70) do; Node 20.20 (1.61) passes the
+ * request on, and Gatehouse answers 400. Tests branch on the library's version, not on Node's major.
+ */
+export const NGHTTP2_REFUSES_USERINFO = (() => {
+  const [major = 0, minor = 0] = (process.versions.nghttp2 ?? '0.0').split('.').map(Number);
+  return major > 1 || (major === 1 && minor >= 64);
+})();
