@@ -8,7 +8,7 @@ import { connect as http2Connect, constants, type ClientHttp2Session, type Incom
 import net from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { startGatehouse, type TestGatehouse } from './helpers/gatehouse.ts';
-import { collectFrames, FRAME, getFields, goawayOf, h2Connect, headersFrame, NGHTTP2_REFUSES_USERINFO, rstStreamFrame } from './helpers/h2frames.ts';
+import { collectFrames, frame, FRAME, getFields, goawayOf, h2Connect, headersFrame, NGHTTP2_REFUSES_USERINFO, rstStreamFrame } from './helpers/h2frames.ts';
 import { startEchoUpstream, type EchoReport } from './helpers/upstreams.ts';
 
 type Echo = Awaited<ReturnType<typeof startEchoUpstream>>;
@@ -132,11 +132,16 @@ sites:
 
   it('stream header deadline: a HEADERS frame without END_HEADERS and no CONTINUATION ends the session', async () => {
     const socket = await h2Connect(gh.httpsPort);
-    collectFrames(socket);
+    // A PING ACK inside a header block would be a protocol error of its own: leave PINGs unanswered.
+    const frames = collectFrames(socket, { answerPings: false });
+    // The server's SETTINGS first (the ACK, too, must not land inside the header block).
+    while (!frames.some((f) => f.type === FRAME.SETTINGS)) await new Promise((resolve) => setTimeout(resolve, 10));
     socket.write(headersFrame(1, getFields('localhost', '/never-ending-headers'), { endHeaders: false }));
     const started = Date.now();
     assert.equal(await waitClosed(socket, 5_000), true);
     assert.ok(Date.now() - started < 4_000);
+    const goaway = frames.find((f) => f.type === FRAME.GOAWAY);
+    assert.equal(goaway === undefined ? undefined : goawayOf(goaway).code, constants.NGHTTP2_ENHANCE_YOUR_CALM, 'ended by the header deadline');
     assert.equal(seen('never-ending-headers').length, 0);
   });
 
@@ -272,5 +277,84 @@ sites:
     assert.equal((await h2Request(s, { ':path': '/still-serving' })).status, 200);
     s.close();
     assert.equal(constants.NGHTTP2_ENHANCE_YOUR_CALM, 11);
+  });
+});
+
+describe('hardening: HTTP/2 sessions without streams are not pinged while they stay quiet', () => {
+  let echo: Echo;
+  let gh: TestGatehouse;
+  const PING_ACK = 0x1;
+  const pingsOf = (frames: readonly { type: number; flags: number }[]) => frames.filter((f) => f.type === FRAME.PING && (f.flags & PING_ACK) === 0).length;
+  const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  before(async () => {
+    echo = await startEchoUpstream();
+    // Header deadline 400 ms: a session without streams is due a PING every 200 ms; idle close far away.
+    gh = await startGatehouse(`
+clients:
+  timeouts: { headers: 400ms, idle: 30s }
+sites:
+  - hosts: [localhost]
+    tls: internal
+    routes:
+      - upstreams: [${echo.url}]
+`);
+  });
+
+  after(async () => {
+    await gh?.stop();
+    await echo?.close();
+  });
+
+  it('a session whose PING was answered by the ACK alone gets no further PING while it sends nothing', async () => {
+    const socket = await h2Connect(gh.httpsPort);
+    const frames = collectFrames(socket); // answers each PING at once, in a write of its own
+    await sleep(2_000); // ten PING periods
+    assert.equal(socket.destroyed, false, 'the session is still open');
+    assert.equal(pingsOf(frames), 1, 'one PING proved the peer outside a header block; none after it');
+    socket.destroy();
+  });
+
+  it('bytes after a quiet period bring the PING back: a header block then left open ends the session on time', async () => {
+    const socket = await h2Connect(gh.httpsPort);
+    const frames = collectFrames(socket, { answerPings: false });
+    // Answer the first PING by hand, then stay quiet for several PING periods.
+    while (pingsOf(frames) === 0) await sleep(20);
+    const ping = frames.find((f) => f.type === FRAME.PING)!;
+    socket.write(frame(FRAME.PING, PING_ACK, 0, ping.payload));
+    await sleep(1_000);
+    assert.equal(pingsOf(frames), 1);
+    socket.write(headersFrame(1, getFields('localhost', '/quiet-then-open-header-block'), { endHeaders: false }));
+    const started = Date.now();
+    assert.equal(await waitClosed(socket, 5_000), true);
+    const elapsed = Date.now() - started;
+    // Due: a PING within one check of the bytes (≤ 100 ms + 200 ms), unanswered for 400 ms.
+    assert.ok(elapsed < 1_500, `closed after ${elapsed} ms`);
+    assert.equal(pingsOf(frames), 2, 'the new bytes brought a PING');
+    const goaway = frames.find((f) => f.type === FRAME.GOAWAY);
+    assert.ok(goaway !== undefined, 'GOAWAY sent');
+    assert.equal(goawayOf(goaway).code, constants.NGHTTP2_ENHANCE_YOUR_CALM, 'ended by the header deadline, not the idle one');
+    assert.equal(echo.requests.filter((r) => r.url.includes('quiet-then-open-header-block')).length, 0);
+  });
+
+  it('an answer that arrives with other bytes does not count as quiet: the PINGs go on', async () => {
+    const socket = await h2Connect(gh.httpsPort);
+    const frames = collectFrames(socket, { answerPings: false });
+    let answered = 0;
+    socket.on('data', () => {
+      for (const f of frames.slice(answered)) {
+        answered++;
+        // The ACK and a WINDOW_UPDATE in one write: the parser reads more than the ACK.
+        if (f.type === FRAME.PING && (f.flags & PING_ACK) === 0) {
+          const increment = Buffer.alloc(4);
+          increment.writeUInt32BE(1);
+          socket.write(Buffer.concat([frame(FRAME.PING, PING_ACK, 0, f.payload), frame(FRAME.WINDOW_UPDATE, 0, 0, increment)]));
+        }
+      }
+    });
+    await sleep(1_500);
+    assert.equal(socket.destroyed, false);
+    assert.ok(pingsOf(frames) >= 3, `${pingsOf(frames)} PINGs in 1.5 s`);
+    socket.destroy();
   });
 });

@@ -11,7 +11,9 @@
  * - HTTP/2 sessions ({@link Http2SessionWatch}): idle sessions are closed, and a session with no
  *   open stream must answer a PING within the header deadline. A client in the middle of a header
  *   block cannot send anything but CONTINUATION (RFC 9113 §6.10), PING ACK included, so a header
- *   block left open (or a connection preface never sent) ends the session on time.
+ *   block left open (or a connection preface never sent) ends the session on time. A session whose
+ *   last PING was answered by the ACK alone, and that has sent nothing since, cannot be inside a
+ *   header block: it is not pinged again until more bytes arrive, so idle sessions cost no PINGs.
  */
 import type { IncomingMessage, Server as HttpServer, ServerResponse } from 'node:http';
 import { constants as http2Constants, type Http2SecureServer, type Http2Session, type ServerHttp2Stream } from 'node:http2';
@@ -126,6 +128,20 @@ interface SessionState {
   pingSentAt: number;
   /** When the last PING was answered (or the session started). */
   pingAnsweredAt: number;
+  /**
+   * The TLS stream under the session: its `bytesRead` counts the cleartext bytes handed to the
+   * HTTP/2 parser (frames). Undefined when the socket has no such handle: then every idle period
+   * gets its PING, as if the session were never quiet.
+   */
+  readonly input: { readonly bytesRead: number } | undefined;
+  /** `input.bytesRead` when the outstanding PING was sent. */
+  bytesAtPing: number;
+  /**
+   * `input.bytesRead` right after a PING answer that came alone (exactly one PING ACK frame since
+   * the PING was sent); -1 when the last answer came with other bytes, or none came yet. While the
+   * count stays there, the peer has sent nothing and cannot be inside a header block.
+   */
+  quietAt: number;
   /** The watch's set of sessions, which this one leaves on 'close' ({@link onSessionClose}). */
   readonly watched: Set<WatchedSession>;
 }
@@ -163,7 +179,10 @@ export class Http2SessionWatch {
 
   #add(session: WatchedSession): void {
     const now = performance.now();
-    session[kWatch] = { streams: 0, idleSince: now, pingSentAt: 0, pingAnsweredAt: 0, watched: this.#sessions };
+    session[kWatch] = {
+      streams: 0, idleSince: now, pingSentAt: 0, pingAnsweredAt: 0, watched: this.#sessions,
+      input: inputOf(session), bytesAtPing: 0, quietAt: -1,
+    };
     this.#sessions.add(session);
     session.on('close', onSessionClose);
     this.#timer ??= setInterval(() => this.#check(), checkingInterval(Math.min(this.#headersMs, this.#idleMs))).unref();
@@ -180,7 +199,9 @@ export class Http2SessionWatch {
       if (session.destroyed || session.closed) continue;
       if (state.pingSentAt > 0 && now - state.pingSentAt > this.#headersMs) {
         // A header block left open, a preface never sent, or a peer gone silent.
-        session.destroy(undefined, http2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
+        // The code alone: destroy(undefined, code) would take `undefined` for its default
+        // NO_ERROR and send that code in the GOAWAY instead.
+        session.destroy(http2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
         continue;
       }
       if (state.streams > 0) continue;
@@ -189,6 +210,11 @@ export class Http2SessionWatch {
         continue;
       }
       if (state.pingSentAt === 0 && now - state.pingAnsweredAt >= this.#headersMs / 2) {
+        const input = state.input;
+        // Nothing arrived since a PING was answered by its ACK alone: no header block can be open.
+        if (input !== undefined && state.quietAt === input.bytesRead) continue;
+        state.quietAt = -1;
+        state.bytesAtPing = input === undefined ? 0 : input.bytesRead;
         state.pingSentAt = now;
         try {
           if (!session.ping(onPingAnswered.bind(session))) state.pingSentAt = 0;
@@ -205,11 +231,27 @@ function onSessionClose(this: WatchedSession): void {
   this[kWatch]?.watched.delete(this);
 }
 
+/** Size of a PING frame: the 9-byte frame header and 8 bytes of opaque data (RFC 9113 §6.7). */
+const PING_FRAME_BYTES = 17;
+
 function onPingAnswered(this: WatchedSession, error: Error | null): void {
   const state = this[kWatch];
   if (state === undefined || error !== null) return;
   state.pingSentAt = 0;
   state.pingAnsweredAt = performance.now();
+  // Called while the parser handles the ACK: the count already includes every byte of the read
+  // that carried it, so a header block started in the same read makes the answer not alone.
+  const input = state.input;
+  if (input !== undefined) state.quietAt = input.bytesRead - state.bytesAtPing === PING_FRAME_BYTES ? input.bytesRead : -1;
+}
+
+/**
+ * The stream the session reads its frames from: the `TLSWrap` handle of its TLS socket, whose
+ * `bytesRead` Node counts as it hands cleartext to the HTTP/2 parser.
+ */
+function inputOf(session: Http2Session): SessionState['input'] {
+  const handle = (session.socket as unknown as { _handle?: { bytesRead?: unknown } } | undefined)?._handle;
+  return handle !== undefined && handle !== null && typeof handle.bytesRead === 'number' ? handle as { bytesRead: number } : undefined;
 }
 
 function onStream(stream: WatchedStream): void {
