@@ -199,9 +199,9 @@ export class Http2SessionWatch {
       if (session.destroyed || session.closed) continue;
       if (state.pingSentAt > 0 && now - state.pingSentAt > this.#headersMs) {
         // A header block left open, a preface never sent, or a peer gone silent.
-        // The code alone: destroy(undefined, code) would take `undefined` for its default
-        // NO_ERROR and send that code in the GOAWAY instead.
-        session.destroy(http2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
+        // With an error: destroy(undefined, code) would take `undefined` for its default NO_ERROR
+        // and send that code in the GOAWAY instead.
+        session.destroy(headerDeadlineError(), http2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
         continue;
       }
       if (state.streams > 0) continue;
@@ -229,6 +229,11 @@ export class Http2SessionWatch {
 /** 'close' listener of every watched session: one shared function, no closure per session. */
 function onSessionClose(this: WatchedSession): void {
   this[kWatch]?.watched.delete(this);
+}
+
+/** The error a session ended by the header deadline reports (the server's 'sessionError'). */
+function headerDeadlineError(): Error {
+  return Object.assign(new Error('HTTP/2 header deadline: no PING answer in time'), { code: 'GH_HEADERS_TIMEOUT' });
 }
 
 /** Size of a PING frame: the 9-byte frame header and 8 bytes of opaque data (RFC 9113 §6.7). */
