@@ -126,7 +126,7 @@ interface SessionState {
   idleSince: number;
   /** When the unanswered PING was sent; 0 when none is outstanding. */
   pingSentAt: number;
-  /** When the last PING was answered (or the session started). */
+  /** When the last PING was answered, or the session was last found quiet (or it started). */
   pingAnsweredAt: number;
   /**
    * The TLS stream under the session: its `bytesRead` counts the cleartext bytes handed to the
@@ -212,7 +212,11 @@ export class Http2SessionWatch {
       if (state.pingSentAt === 0 && now - state.pingAnsweredAt >= this.#headersMs / 2) {
         const input = state.input;
         // Nothing arrived since a PING was answered by its ACK alone: no header block can be open.
-        if (input !== undefined && state.quietAt === input.bytesRead) continue;
+        // Counts as an answer now, so the count is read once per PING period, not per check.
+        if (input !== undefined && state.quietAt === input.bytesRead) {
+          state.pingAnsweredAt = now;
+          continue;
+        }
         state.quietAt = -1;
         state.bytesAtPing = input === undefined ? 0 : input.bytesRead;
         state.pingSentAt = now;
