@@ -101,7 +101,11 @@ start_target() {
     gatehouse)
       [ -f "$ROOT/dist/cli.js" ] || { REASON="dist/cli.js missing (run npm run build)"; return 1; }
       render "$BENCH_DIR/templates/gatehouse.yaml" "$TMP/gatehouse.yaml"
-      start gatehouse "$CPU_PROXY" node dist/cli.js run --config "$TMP/gatehouse.yaml"
+      # As deployed (README: systemd unit, Docker image): glibc's heap trim threshold at 64 MiB.
+      # Node >= 22.15 sets it by itself; Node 20 needs it in the environment. BENCH_GLIBC_TUNABLES
+      # overrides it ("glibc.malloc.trim_threshold=131072" is glibc's default).
+      start gatehouse "$CPU_PROXY" env GLIBC_TUNABLES="${BENCH_GLIBC_TUNABLES:-glibc.malloc.trim_threshold=67108864}" \
+        node dist/cli.js run --config "$TMP/gatehouse.yaml"
       TARGET_PID=$STARTED_PID ;;
     nginx)
       render "$BENCH_DIR/templates/nginx.conf" "$TMP/nginx.conf"

@@ -13,12 +13,9 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { ConfigError, EMBEDDED_DEFAULT_PATH, loadConfigFile } from './config/load.js';
-import { quickConfig } from './config/quick.js';
 import type { GatehouseConfig } from './config/schema.js';
-import { Gatehouse } from './gatehouse.js';
-import { createLogger, flushLogger } from './observability/log.js';
-import { isWorker, runPrimary, shareAcmeChallenges, workerCount } from './workers.js';
+import type { Gatehouse } from './gatehouse.js';
+import { reexecWithMallocTuning } from './malloc.js';
 
 const USAGE = `Usage:
   gatehouse [run] [--config FILE]      run the edge server (default FILE: config/gatehouse.yaml,
@@ -69,6 +66,7 @@ async function main(argv: string[]): Promise<number> {
   }
 
   if (command === 'validate') {
+    const { loadConfigFile } = await import('./config/load.js');
     const file = values.config ?? DEFAULT_CONFIG_FILE;
     try {
       const config = await loadConfigFile(file);
@@ -79,6 +77,19 @@ async function main(argv: string[]): Promise<number> {
       return 1;
     }
   }
+
+  // Serving: start again in place with glibc's heap trimming tuned (src/malloc.ts), before the
+  // modules below load (a third of a second that would otherwise be paid twice).
+  try {
+    reexecWithMallocTuning();
+  } catch (error) {
+    process.stderr.write(`gatehouse: could not restart with GLIBC_TUNABLES, going on without: ${(error as Error).message}\n`);
+  }
+  const { ConfigError, EMBEDDED_DEFAULT_PATH, loadConfigFile } = await import('./config/load.js');
+  const { quickConfig } = await import('./config/quick.js');
+  const { Gatehouse } = await import('./gatehouse.js');
+  const { createLogger, flushLogger } = await import('./observability/log.js');
+  const { isWorker, runPrimary, shareAcmeChallenges, workerCount } = await import('./workers.js');
 
   let config: GatehouseConfig;
   let configFile: string | undefined;

@@ -26,6 +26,7 @@
 import cluster, { type Worker } from 'node:cluster';
 import { availableParallelism } from 'node:os';
 import type { AcmeIssuer } from './acme/manager.js';
+import { mallocTunables } from './malloc.js';
 
 /** Environment variable carrying a worker's index (0 .. N-1) to the worker process. */
 export const WORKER_INDEX_ENV = 'GATEHOUSE_WORKER_INDEX';
@@ -70,7 +71,12 @@ export function runPrimary(count: number, graceMs: number, logger: PrimaryLogger
     let everServed = false;
 
     const fork = (index: number): void => {
-      const worker = cluster.fork({ [WORKER_INDEX_ENV]: String(index) });
+      // The heap tuning of src/malloc.ts: on Node 20, which cannot re-exec the primary in place,
+      // this is how it reaches the processes that serve.
+      const tunables = mallocTunables(process.env);
+      const worker = cluster.fork(tunables === undefined
+        ? { [WORKER_INDEX_ENV]: String(index) }
+        : { GLIBC_TUNABLES: tunables, [WORKER_INDEX_ENV]: String(index) });
       slots[index] = worker;
       startedAt[index] = Date.now();
       worker.on('listening', () => {

@@ -7,6 +7,8 @@ import { after, before, describe, it } from 'node:test';
 import { Agent, request } from 'undici';
 import { spawnGatehouse, type SpawnedGatehouse } from './helpers/gatehouse.ts';
 import { startEchoUpstream } from './helpers/upstreams.ts';
+import { environOf, TUNABLES_APPLY } from './helpers/process.ts';
+import { MALLOC_TRIM_THRESHOLD } from '../src/malloc.ts';
 
 async function waitFor(what: string, probe: () => boolean, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -49,6 +51,10 @@ sites:
     const [first, second] = serving() as [number, number];
     assert.notEqual(first, gh.child.pid);
     assert.equal(gh.logs.find((l) => l.pid === first && l.msg === 'serving')?.https, gh.httpsPort, 'the workers share one port');
+    if (TUNABLES_APPLY) {
+      // The primary forks its workers with glibc's heap trimming tuned (src/malloc.ts), on every Node.
+      for (const pid of [first, second]) assert.equal(environOf(pid).GLIBC_TUNABLES, `glibc.malloc.trim_threshold=${MALLOC_TRIM_THRESHOLD}`);
+    }
 
     const agent = new Agent({ connect: { rejectUnauthorized: false } });
     const get = async () => {

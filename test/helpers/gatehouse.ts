@@ -80,12 +80,12 @@ export interface SpawnedGatehouse {
  * Run `node dist/cli.js ...args` (built by `npm test` before the tests) and wait for its "serving"
  * line. `{{config}}` in args is replaced by the path of `config` written to the temp dir.
  */
-export async function spawnGatehouse(args: string[], config?: string, options: { timeoutMs?: number } = {}): Promise<SpawnedGatehouse> {
+export async function spawnGatehouse(args: string[], config?: string, options: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<SpawnedGatehouse> {
   const dir = await mkdtemp(join(tmpdir(), 'gh-cli-'));
   const file = join(dir, 'gatehouse.yaml');
   if (config !== undefined) await writeFile(file, config.replaceAll('{{dir}}', dir));
   const child = spawn(process.execPath, [CLI, ...args.map((a) => a.replaceAll('{{config}}', file))], {
-    cwd: dir, stdio: ['ignore', 'pipe', 'pipe'],
+    cwd: dir, stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? process.env,
   });
   const logs: Record<string, unknown>[] = [];
   let stderr = '';
