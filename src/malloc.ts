@@ -23,6 +23,8 @@
 export const MALLOC_TRIM_THRESHOLD = 64 * 1024 * 1024;
 
 const TUNABLE = 'glibc.malloc.trim_threshold';
+/** Set in the environment of the process started again; removed by it at once. */
+const REEXEC_MARK = 'GATEHOUSE_MALLOC_REEXEC';
 
 /**
  * The `GLIBC_TUNABLES` value to serve with: `env`'s, with `glibc.malloc.trim_threshold` added
@@ -46,11 +48,16 @@ export function mallocTunables(env: NodeJS.ProcessEnv): string | undefined {
  * @throws what `process.execve` throws (e.g. the Node binary is gone): the caller goes on untuned.
  */
 export function reexecWithMallocTuning(): void {
+  // Started again already: never twice, even if a glibc rewrote the variable (it may drop entries).
+  if (process.env[REEXEC_MARK] !== undefined) {
+    delete process.env[REEXEC_MARK];
+    return;
+  }
   const execve = (process as { execve?: (file: string, args: string[], env: NodeJS.ProcessEnv) => never }).execve;
   if (typeof execve !== 'function') return;
   const tunables = mallocTunables(process.env);
   if (tunables === undefined) return;
-  const env = { ...process.env, GLIBC_TUNABLES: tunables };
+  const env = { ...process.env, GLIBC_TUNABLES: tunables, [REEXEC_MARK]: '1' };
   execve.call(process, process.execPath, [process.execPath, ...process.execArgv, ...process.argv.slice(1)], env);
 }
 

@@ -43,7 +43,10 @@ describe('glibc heap tuning', { skip: TUNABLES_APPLY ? false : 'not Linux with g
     started.push(gh);
     const pid = gh.child.pid!;
     assert.equal(gh.logs.find((l) => l.msg === 'serving')?.pid, pid, 'the process that serves is the one spawned');
-    assert.equal(environOf(pid).GLIBC_TUNABLES, CAN_EXECVE ? ENTRY : undefined);
+    const environ = environOf(pid);
+    assert.equal(environ.GLIBC_TUNABLES, CAN_EXECVE ? ENTRY : undefined);
+    // The mark that keeps it from starting itself a second time (removed from process.env at once).
+    assert.equal(environ.GATEHOUSE_MALLOC_REEXEC, CAN_EXECVE ? '1' : undefined);
     // And it serves: 127.0.0.1 is no configured host, so the router's own 404.
     const res = await fetch(`http://127.0.0.1:${gh.httpPort}/`);
     assert.equal(res.status, 404);
