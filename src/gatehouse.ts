@@ -15,7 +15,7 @@ import type { AddressInfo } from 'node:net';
 import { basename, dirname } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
-import { ConfigError, loadConfigFile } from './config/load.js';
+import { ConfigError, loadConfigFileOffThread } from './config/load.js';
 import type { GatehouseConfig, ListenAddress } from './config/schema.js';
 import { ACME_CHALLENGE_PREFIX, HttpListener, redirectToHttps } from './listeners/http.js';
 import { HttpsListener } from './listeners/https.js';
@@ -287,7 +287,9 @@ export class Gatehouse {
     }
     let next: GatehouseConfig;
     try {
-      next = await loadConfigFile(file);
+      next = await loadConfigFileOffThread(file, {
+        onParsed: (where) => { if (where === 'here') this.#logger.warn({ trigger }, 'reload: no worker thread could parse the config; it was parsed on the serving thread'); },
+      });
     } catch (error) {
       const errors = (error as Error).message.split('\n');
       this.#logger.error({ trigger, err: { code: (error as ConfigError).code, message: (error as Error).message }, errors }, 'reload refused: the old config keeps serving');
