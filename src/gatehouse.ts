@@ -313,7 +313,11 @@ export class Gatehouse {
     const old = { config: this.#config, runtime: this.#runtime };
     // Provision: everything that can fail.
     const staticCertificates = await loadStaticCertificates(config.tls.certificates, { storage: new FileStorage(config.tls.storage), logger: this.#logger.child({ logger: 'tls' }) });
+    // Building the routes of 10 000 sites takes ~70 ms: in a turn of its own, so requests waiting
+    // on this thread are answered between it and what comes before and after.
+    await nextTurn();
     const runtime = buildRuntime(config.sites, this.#logger);
+    await nextTurn();
     const opened: Listeners = { https: undefined, http: undefined, admin: undefined };
     const openedAddresses: Gatehouse['addresses'] = {};
     const closing: Listeners = { https: undefined, http: undefined, admin: undefined };
@@ -699,4 +703,9 @@ function needsAcme(config: GatehouseConfig): boolean {
 /** Exact names of `tls: acme` sites (wildcards and `*` are on-demand only). */
 function acmeNames(config: GatehouseConfig): string[] {
   return config.sites.filter((site) => site.tls === 'acme').flatMap((site) => site.hosts.filter((host) => !host.includes('*')));
+}
+
+/** Resolves in the next turn of the event loop (after pending I/O), not in this one. */
+function nextTurn(): Promise<void> {
+  return new Promise((resolveTurn) => setImmediate(resolveTurn));
 }
