@@ -9,6 +9,7 @@
  * requests in flight finish on the old upstream pools, and upgrade tunnels stay open unless the
  * new config no longer has their route.
  */
+import cluster from 'node:cluster';
 import { watch, type FSWatcher } from 'node:fs';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -24,6 +25,7 @@ import { ClientAddress } from './middleware/client-ip.js';
 import { RateLimiter } from './middleware/rate-limit.js';
 import { AccessLog } from './observability/access-log.js';
 import { AdminListener, type ReloadResult } from './observability/admin.js';
+import { ClusterMetricsError, clusterMetricsText, shareWorkerMetrics } from './observability/cluster-metrics.js';
 import type { Logger } from './observability/log.js';
 import { Metrics } from './observability/metrics.js';
 import type { ClientRequest, ClientResponse } from './proxy/forward.js';
@@ -112,6 +114,7 @@ export class Gatehouse {
       tunnels: () => this.#tunnels.size,
     });
     this.#buildMiddleware(config, runtime);
+    shareWorkerMetrics(this.#metrics.registry);
     const self = this;
     const onComplete = (record: AccessRecord) => this.#onExchange(record);
     const beforeForward = (req: ClientRequest, res: ClientResponse, site: SiteRuntime, route: RouteRuntime) => this.#beforeForward(req, res, site, route);
@@ -468,12 +471,25 @@ export class Gatehouse {
     if (listen.admin && changed('admin')) {
       const admin = new AdminListener(listen.admin, {
         token: () => this.#config.admin.token,
-        metrics: async () => ({ contentType: this.#metrics.contentType, body: await this.#metrics.text() }),
+        metrics: () => this.#metricsText(),
         status: () => this.#status(),
         reload: () => this.reloadFromFile('api'),
       }, this.#logger.child({ logger: 'admin' }));
       into.admin = admin;
       addresses.admin = await admin.listen();
+    }
+  }
+
+  /** `GET /metrics`: this process's metrics, or with `workers` > 1 every worker's, aggregated. */
+  async #metricsText(): Promise<{ contentType: string; body: string; status?: number }> {
+    const contentType = this.#metrics.contentType;
+    if (!cluster.isWorker) return { contentType, body: await this.#metrics.text() };
+    try {
+      return { contentType, body: await clusterMetricsText() };
+    } catch (error) {
+      if (!(error instanceof ClusterMetricsError)) throw error;
+      this.#logger.warn({ err: { message: error.message } }, 'metrics: the workers\' metrics could not be collected');
+      return { status: 503, contentType: 'text/plain; charset=utf-8', body: `${error.message}\n` };
     }
   }
 

@@ -27,6 +27,7 @@ import cluster, { type Worker } from 'node:cluster';
 import { availableParallelism } from 'node:os';
 import type { AcmeIssuer } from './acme/manager.js';
 import { mallocTunables } from './malloc.js';
+import { serveClusterMetrics } from './observability/cluster-metrics.js';
 
 /** Environment variable carrying a worker's index (0 .. N-1) to the worker process. */
 export const WORKER_INDEX_ENV = 'GATEHOUSE_WORKER_INDEX';
@@ -151,6 +152,7 @@ export function runPrimary(count: number, graceMs: number, logger: PrimaryLogger
     process.on('SIGHUP', onHup);
     process.on('SIGUSR1', onUsr1);
 
+    serveClusterMetrics();
     logger.info({ workers: count }, 'starting workers');
     for (let i = 0; i < count; i++) fork(i);
   });

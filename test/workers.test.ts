@@ -39,7 +39,7 @@ describe('workers', () => {
   it('two workers serve one port, a killed worker comes back, SIGTERM stops them all with exit 0', async () => {
     gh = await spawnGatehouse(['run', '--config', '{{config}}'], `
 workers: 2
-listen: { http: "127.0.0.1:0", https: "127.0.0.1:0" }
+listen: { http: "127.0.0.1:0", https: "127.0.0.1:0", admin: "127.0.0.1:0" }
 tls: { storage: "{{dir}}/certs" }
 log: { access: false }
 sites:
@@ -64,6 +64,22 @@ sites:
     };
     try {
       for (let i = 0; i < 20; i++) assert.equal(await get(), 200);
+
+      // /metrics adds up the counters of both workers, whichever worker the scrape reaches.
+      const adminPort = Number(gh.logs.find((l) => l.pid === first && l.msg === 'serving')?.admin);
+      assert.ok(adminPort > 0);
+      const requestsOf = (text: string) => [...text.matchAll(/^gatehouse_http_requests_total\{[^}]*code="2xx"[^}]*\} (\d+)$/gm)].reduce((sum, m) => sum + Number(m[1]), 0);
+      for (const pid of [first, second]) {
+        const line: Record<string, unknown> | undefined = gh.logs.find((l) => l.pid === pid && l.msg === 'serving');
+        assert.equal(Number(line?.admin), adminPort, 'one admin port for both workers');
+      }
+      for (let i = 0; i < 6; i++) {
+        const res = await request(`http://127.0.0.1:${adminPort}/metrics`, { reset: true });
+        const text = await res.body.text();
+        assert.equal(res.statusCode, 200, text);
+        assert.equal(requestsOf(text), 20, 'the 20 requests of both workers, counted once each');
+        assert.match(text, /^gatehouse_config_version 1$/m, 'the lowest version any worker serves');
+      }
 
       process.kill(first, 'SIGKILL');
       await waitFor('a replacement worker', () => serving().length === 3);

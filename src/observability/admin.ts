@@ -33,7 +33,8 @@ export interface ReloadResult {
 export interface AdminHandlers {
   /** The bearer token required, if any (read per request: a reload may change it). */
   token(): string | undefined;
-  metrics(): Promise<{ contentType: string; body: string }>;
+  /** The exposition; `status` (default 200) e.g. 503 when the workers' metrics could not be collected. */
+  metrics(): Promise<{ contentType: string; body: string; status?: number }>;
   status(): unknown;
   reload(): Promise<ReloadResult>;
 }
@@ -100,8 +101,8 @@ async function handle(req: IncomingMessage, res: ServerResponse, handlers: Admin
   switch (path) {
     case '/metrics': {
       if (!read) return notAllowed(res, 'GET, HEAD');
-      const { contentType, body } = await handlers.metrics();
-      return send(res, 200, contentType, body, method === 'HEAD');
+      const { contentType, body, status } = await handlers.metrics();
+      return send(res, status ?? 200, contentType, body, method === 'HEAD');
     }
     case '/status':
       if (!read) return notAllowed(res, 'GET, HEAD');

@@ -9,6 +9,10 @@
  * site's first host and the route's path prefix — never the raw request path — so the number of
  * series is bounded by the config; series outlive reloads, so counters never go back. Gauges that
  * mirror state (upstreams, certificates, ACME, tunnels) are computed when scraped too.
+ *
+ * With `workers` > 1 a scrape gets every worker's metrics merged (`cluster-metrics.ts`): counters,
+ * histograms and in-flight gauges add up; `upstream_healthy`, the certificate expiry, the config
+ * version and its load time take the lowest value of any worker; reloads count once per signal.
  */
 import type { TLSSocket } from 'node:tls';
 import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
@@ -145,6 +149,7 @@ export class Metrics {
       name: `${METRIC_PREFIX}upstream_healthy`,
       help: '1 when the upstream is available to the balancer of its route (health checks and circuit breaker), else 0.',
       labelNames: ['site', 'route', 'upstream'], registers,
+      aggregator: 'min', // workers > 1: 1 only when every worker can use it
       collect() {
         this.reset();
         for (const { site, route, upstream } of upstreamsOf(sources.runtime())) {
@@ -177,6 +182,7 @@ export class Metrics {
       name: `${METRIC_PREFIX}tls_certificate_expiry_timestamp_seconds`,
       help: 'Expiry (notAfter) of the certificate served for each name, as a Unix time.',
       labelNames: ['name', 'source'], registers,
+      aggregator: 'min', // workers > 1: the oldest certificate any worker still serves
       collect() {
         this.reset();
         // Temporary certificates first, so that the real one of a name wins.
@@ -208,6 +214,7 @@ export class Metrics {
       name: `${METRIC_PREFIX}config_reloads_total`,
       help: 'Config reloads by result (success, failure).',
       labelNames: ['result'], registers,
+      aggregator: 'max', // workers > 1: every worker reloads on each signal; count the reloads, not workers × reloads
     });
     this.#reloads.labels('success').inc(0);
     this.#reloads.labels('failure').inc(0);
@@ -215,12 +222,14 @@ export class Metrics {
       name: `${METRIC_PREFIX}config_version`,
       help: 'Version of the config being served: 1 at start, +1 per successful reload.',
       registers,
+      aggregator: 'min', // workers > 1: the oldest version a worker serves
     });
     this.#configVersion.set(1);
     this.#reloadTime = new Gauge({
       name: `${METRIC_PREFIX}config_last_reload_success_timestamp_seconds`,
       help: 'Unix time of the last successful config load (start or reload).',
       registers,
+      aggregator: 'min',
     });
     this.#reloadTime.set(Date.now() / 1000);
     collectDefaultMetrics({ register: this.registry, prefix: METRIC_PREFIX });
