@@ -26,6 +26,7 @@ import { RateLimiter } from './middleware/rate-limit.js';
 import { AccessLog } from './observability/access-log.js';
 import { AdminListener, type ReloadResult } from './observability/admin.js';
 import { ClusterMetricsError, clusterMetricsText, shareWorkerMetrics } from './observability/cluster-metrics.js';
+import { reloadOtherWorkers } from './workers.js';
 import type { Logger } from './observability/log.js';
 import { Metrics } from './observability/metrics.js';
 import type { ClientRequest, ClientResponse } from './proxy/forward.js';
@@ -473,7 +474,12 @@ export class Gatehouse {
         token: () => this.#config.admin.token,
         metrics: () => this.#metricsText(),
         status: () => this.#status(),
-        reload: () => this.reloadFromFile('api'),
+        reload: async () => {
+          const result = await this.reloadFromFile('api');
+          // workers > 1: the others load the same file (the primary signals them).
+          if (result.result === 'reloaded') reloadOtherWorkers();
+          return result;
+        },
       }, this.#logger.child({ logger: 'admin' }));
       into.admin = admin;
       addresses.admin = await admin.listen();

@@ -7,7 +7,8 @@
  *   have exited; SIGHUP (reload the config file) and SIGUSR1 (reopen the access log) to every worker;
  * - restarts a worker that died on its own, after a backoff that doubles from 250 ms to 30 s and
  *   starts again from 250 ms once a worker has lived 30 s;
- * - relays ACME challenges between workers (see below).
+ * - relays ACME challenges between workers (see below), and turns a worker's `POST /reload` into
+ *   a SIGHUP to every other worker.
  *
  * Listeners: the workers' `listen()` calls share one socket per address. Linux and macOS use
  * `SCHED_NONE` here: every worker accepts on the shared socket itself, so a connection costs no
@@ -109,8 +110,15 @@ export function runPrimary(count: number, graceMs: number, logger: PrimaryLogger
       });
     };
 
-    /** A worker's message for the others (ACME challenges): send it to every other live worker. */
+    /**
+     * A worker's message for the others: an ACME challenge goes to every other live worker; a
+     * reload done through the admin API (`POST /reload`) becomes a SIGHUP to every other worker.
+     */
     const relay = (from: Worker, message: unknown): void => {
+      if (isReloadMessage(message)) {
+        if (!stopping) for (const worker of slots) if (worker !== undefined && worker !== from) worker.process.kill('SIGHUP');
+        return;
+      }
       if (!isChallengeMessage(message)) return;
       for (const worker of slots) if (worker !== undefined && worker !== from && worker.isConnected()) worker.send(message);
     };
@@ -156,6 +164,25 @@ export function runPrimary(count: number, graceMs: number, logger: PrimaryLogger
     logger.info({ workers: count }, 'starting workers');
     for (let i = 0; i < count; i++) fork(i);
   });
+}
+
+// ---- reloads across workers ----
+
+interface ReloadMessage {
+  readonly gatehouse: 'reload-others';
+}
+
+function isReloadMessage(message: unknown): message is ReloadMessage {
+  return typeof message === 'object' && message !== null && (message as ReloadMessage).gatehouse === 'reload-others';
+}
+
+/**
+ * In a worker that reloaded its config through the admin API: has the primary send SIGHUP to every
+ * other worker, so that all of them serve the new config (a signal to the primary, or the file
+ * watch, already reaches every worker). No-op outside a worker.
+ */
+export function reloadOtherWorkers(): void {
+  if (cluster.isWorker && process.send !== undefined && process.connected) process.send({ gatehouse: 'reload-others' } satisfies ReloadMessage);
 }
 
 // ---- ACME challenges across workers ----

@@ -3,6 +3,8 @@
  * restarted, and SIGTERM stops every worker and exits 0.
  */
 import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Agent, request } from 'undici';
 import { spawnGatehouse, type SpawnedGatehouse } from './helpers/gatehouse.ts';
@@ -80,6 +82,14 @@ sites:
         assert.equal(requestsOf(text), 20, 'the 20 requests of both workers, counted once each');
         assert.match(text, /^gatehouse_config_version 1$/m, 'the lowest version any worker serves');
       }
+
+      // POST /reload on the admin API reaches every worker, not only the one that answers it.
+      await writeFile(join(gh.dir, 'gatehouse.yaml'), (await readFile(join(gh.dir, 'gatehouse.yaml'), 'utf8')).replace('hosts: [localhost]', 'hosts: [localhost, added.localhost]'));
+      const reload = await request(`http://127.0.0.1:${adminPort}/reload`, { method: 'POST', reset: true });
+      assert.equal(reload.statusCode, 200, await reload.body.text());
+      const reloaded = () => new Set(gh!.logs.filter((l) => l.msg === 'config reloaded' && l.version === 2).map((l) => Number(l.pid)));
+      await waitFor('both workers on version 2', () => reloaded().size === 2);
+      assert.deepEqual([...reloaded()].sort(), [first, second].sort());
 
       process.kill(first, 'SIGKILL');
       await waitFor('a replacement worker', () => serving().length === 3);
