@@ -174,14 +174,21 @@ describe('active health checks', () => {
   it('stop() clears every timer and aborts checks in flight', async () => {
     const hanging = await backend('hang');
     const healthy = await backend(200);
-    const timeoutsBefore = activeTimeouts();
+    // Timers of earlier tests (their servers' sockets) may still be expiring: count from a
+    // moment when the number holds still, or one expiring later would hide the checker's own.
+    const timeoutsBefore = await steadyTimeouts();
     const checker = new HealthChecker([hanging.upstream, healthy.upstream], { ...settings, timeout: 10_000, interval: 30 });
     checker.start();
-    await settle(() => hanging.checks === 1);
-    assert.equal(hanging.checks, 1, 'the hanging check is in flight');
-    assert.ok(activeTimeouts() > timeoutsBefore, 'the checker has timers while running');
-    const stopping = Date.now();
-    await checker.stop();
+    let stopping = 0;
+    try {
+      await settle(() => hanging.checks === 1);
+      assert.equal(hanging.checks, 1, 'the hanging check is in flight');
+      assert.ok(activeTimeouts() > timeoutsBefore, 'the checker has timers while running');
+    } finally {
+      // Stopped even when an assertion above failed: a checker left running keeps the file alive.
+      stopping = Date.now();
+      await checker.stop();
+    }
     assert.ok(Date.now() - stopping < 1000, 'stop() does not wait for the 10s check timeout');
     // The backends' own socket timers go once the aborted connections' close reaches them, which
     // can take a few turns of the event loop on a loaded machine.
@@ -234,6 +241,22 @@ describe('parseStatusRange', () => {
 });
 
 /** Wait until `condition` holds, for at most `ms` (the assertion that follows decides). */
+/** The number of active timeouts once it has not changed for 100 ms (at most 2 s of waiting). */
+async function steadyTimeouts(): Promise<number> {
+  const deadline = Date.now() + 2000;
+  let count = activeTimeouts();
+  let since = Date.now();
+  while (Date.now() - since < 100 && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    const now = activeTimeouts(); // the 10 ms timer of this wait has fired: it is not counted
+    if (now !== count) {
+      count = now;
+      since = Date.now();
+    }
+  }
+  return count;
+}
+
 async function settle(condition: () => boolean, ms = 2000): Promise<void> {
   const deadline = Date.now() + ms;
   while (!condition() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10));
