@@ -78,14 +78,7 @@ export interface ConfigCacheResult {
  *   unreadable file. Cache problems are never errors: the file is parsed instead.
  */
 export async function loadConfigFile(file: string, options: LoadConfigOptions = {}): Promise<GatehouseConfig> {
-  let bytes: Buffer;
-  try {
-    bytes = await readFile(file);
-  } catch (error) {
-    throw new ConfigError(file, [{ path: '', message: `cannot read the config file: ${(error as Error).message}`, line: undefined }]);
-  }
-  const text = bytes.toString('utf8');
-  const where = { source: file, baseDir: dirname(resolve(file)) };
+  const { bytes, text, where } = await readConfigFile(file);
   if (!options.cache) return parseConfig(text, where);
   const cache = configCacheOf(file, text, bytes, where.baseDir);
   const cached = cache === undefined ? undefined : await readConfigCache(cache, where);
@@ -99,6 +92,20 @@ export async function loadConfigFile(file: string, options: LoadConfigOptions = 
   const written = cache !== undefined && config.tls.storage === cache.storage.root && await writeConfigCache(cache, raw.value);
   options.onCacheResult?.({ hit: false, written });
   return config;
+}
+
+/**
+ * The bytes of a config file, as text, and where its errors and relative paths point.
+ * @throws {ConfigError} naming the file when it cannot be read.
+ */
+async function readConfigFile(file: string): Promise<{ bytes: Buffer; text: string; where: { source: string; baseDir: string } }> {
+  let bytes: Buffer;
+  try {
+    bytes = await readFile(file);
+  } catch (error) {
+    throw new ConfigError(file, [{ path: '', message: `cannot read the config file: ${(error as Error).message}`, line: undefined }]);
+  }
+  return { bytes, text: bytes.toString('utf8'), where: { source: file, baseDir: dirname(resolve(file)) } };
 }
 
 /**
@@ -117,14 +124,7 @@ export async function loadConfigFile(file: string, options: LoadConfigOptions = 
  *   unreadable file.
  */
 export async function loadConfigFileOffThread(file: string, options: { onParsed?: (where: 'worker' | 'here') => void } = {}): Promise<GatehouseConfig> {
-  let bytes: Buffer;
-  try {
-    bytes = await readFile(file);
-  } catch (error) {
-    throw new ConfigError(file, [{ path: '', message: `cannot read the config file: ${(error as Error).message}`, line: undefined }]);
-  }
-  const text = bytes.toString('utf8');
-  const where = { source: file, baseDir: dirname(resolve(file)) };
+  const { text, where } = await readConfigFile(file);
   const here = () => {
     options.onParsed?.('here');
     return parseConfig(text, where);
