@@ -90,6 +90,8 @@ async function main(argv: string[]): Promise<number> {
   const { Gatehouse } = await import('./gatehouse.js');
   const { createLogger, flushLogger } = await import('./observability/log.js');
   const { isWorker, runPrimary, shareAcmeChallenges, workerCount } = await import('./workers.js');
+  // A worker answers the primary's metrics requests from its first moment (empty until it serves).
+  if (isWorker()) (await import('./observability/cluster-metrics.js')).shareWorkerMetrics();
 
   let config: GatehouseConfig;
   let configFile: string | undefined;

@@ -51,14 +51,20 @@ export function serveClusterMetrics(): void {
 let serving = false;
 
 /**
- * In a worker: lets the primary collect `registry` for the aggregated metrics. Does nothing outside
- * a cluster worker. Idempotent for one registry.
+ * In a worker: answers the primary's requests for this worker's metrics, with `registry` once it is
+ * given. Call it early without one (the worker's start): until the registry comes, the answer is
+ * prom-client's empty global registry, so a scrape while a worker starts is not held up waiting
+ * for it. Does nothing outside a cluster worker. Idempotent.
  */
-export function shareWorkerMetrics(registry: Registry): void {
+export function shareWorkerMetrics(registry?: Registry): void {
   if (!cluster.isWorker) return;
-  AggregatorRegistry.setRegistries([registry]);
+  if (registry !== undefined) AggregatorRegistry.setRegistries([registry]);
+  if (answering) return;
+  answering = true;
   new AggregatorRegistry(); // installs the worker's answer to the primary's requests
 }
+
+let answering = false;
 
 /** The error of {@link clusterMetricsText} when the metrics of every worker could not be had. */
 export class ClusterMetricsError extends Error {
