@@ -32,7 +32,7 @@ import { Metrics } from './observability/metrics.js';
 import type { ClientRequest, ClientResponse } from './proxy/forward.js';
 import type { ProxyFailure } from './proxy/errors.js';
 import { dispatchRequest, dispatchUpgrade, requestHost, type AccessRecord, type DispatchContext } from './routing/dispatch.js';
-import { buildRuntime, type RouteRuntime, type Runtime, type SiteRuntime } from './routing/runtime.js';
+import { buildRuntime, buildRuntimeInTurns, type RouteRuntime, type Runtime, type SiteRuntime } from './routing/runtime.js';
 import { CertificateStore, covers, loadStaticCertificates, type ObtainDecision } from './tls/certificates.js';
 import { LocalCA } from './tls/local-ca.js';
 import type { Certificate } from './tls/source.js';
@@ -317,10 +317,10 @@ export class Gatehouse {
     const old = { config: this.#config, runtime: this.#runtime };
     // Provision: everything that can fail.
     const staticCertificates = await loadStaticCertificates(config.tls.certificates, { storage: new FileStorage(config.tls.storage), logger: this.#logger.child({ logger: 'tls' }) });
-    // Building the routes of 10 000 sites takes ~70 ms: in a turn of its own, so requests waiting
-    // on this thread are answered between it and what comes before and after.
+    // Building the routes of 10 000 sites takes ~70-100 ms: in slices, each in a turn of its own,
+    // so requests waiting on this thread are answered in between.
     await nextTurn();
-    const runtime = buildRuntime(config.sites, this.#logger);
+    const runtime = await buildRuntimeInTurns(config.sites, this.#logger);
     await nextTurn();
     const opened: Listeners = { https: undefined, http: undefined, admin: undefined };
     const openedAddresses: Gatehouse['addresses'] = {};
