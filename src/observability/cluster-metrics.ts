@@ -82,6 +82,7 @@ let listening = false;
  */
 export function clusterMetricsText(): Promise<string> {
   if (!cluster.isWorker || process.send === undefined) return Promise.reject(new ClusterMetricsError('not a cluster worker'));
+  if (!process.connected) return Promise.reject(new ClusterMetricsError('the channel to the primary is closed'));
   if (!listening) {
     listening = true;
     process.on('message', (message: unknown) => {
