@@ -16,6 +16,7 @@ import type { AddressInfo } from 'node:net';
 import { basename, dirname } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import { ConfigError, loadConfigFileOffThread } from './config/load.js';
 import type { GatehouseConfig, ListenAddress } from './config/schema.js';
 import { ACME_CHALLENGE_PREFIX, HttpListener, redirectToHttps } from './listeners/http.js';
@@ -725,9 +726,4 @@ function needsAcme(config: GatehouseConfig): boolean {
 /** Exact names of `tls: acme` sites (wildcards and `*` are on-demand only). */
 function acmeNames(config: GatehouseConfig): string[] {
   return config.sites.filter((site) => site.tls === 'acme').flatMap((site) => site.hosts.filter((host) => !host.includes('*')));
-}
-
-/** Resolves in the next turn of the event loop (after pending I/O), not in this one. */
-function nextTurn(): Promise<void> {
-  return new Promise((resolveTurn) => setImmediate(resolveTurn));
 }

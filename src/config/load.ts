@@ -11,6 +11,7 @@ import { createRequire } from 'node:module';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import { CST, isMap, isSeq, Lexer, LineCounter, parseDocument, Parser, type Node as YamlNode } from 'yaml';
 import type { z } from 'zod';
 import { FileStorage } from '../tls/storage.js';
@@ -138,7 +139,7 @@ export async function loadConfigFileOffThread(file: string, options: { onParsed?
   if ('failure' in answer) return here();
   options.onParsed?.('worker');
   if ('issues' in answer) throw new ConfigError(file, answer.issues);
-  await new Promise<void>((resolveTurn) => setImmediate(resolveTurn)); // taking the value back was one turn
+  await nextTurn(); // taking the value back was one turn
   let unexpected = false;
   const config = resolveConfig(answer.parsed as ParsedConfig, where, () => { unexpected = true; });
   // The worker ran the same rules: a problem here would be a bug; the parse here gives its lines.

@@ -4,7 +4,7 @@
  * kernel, and every counter would jump between the workers' values.
  *
  * prom-client's `AggregatorRegistry` does the collecting: the worker that got the scrape asks the
- * primary ({@link METRICS_REQUEST}), the primary asks every live worker for its registry
+ * primary ({@link clusterMetricsText}), the primary asks every live worker for its registry
  * (`getMetricsAsJSON`), merges them metric by metric with each metric's `aggregator` (counters and
  * histograms add up; see `metrics.ts` for the gauges that do not) and sends back the text.
  * `/status` stays the answering worker's own.

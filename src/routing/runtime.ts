@@ -4,6 +4,7 @@
  * whole before it serves (so a reload that fails to build leaves the old one serving) and closed
  * when replaced.
  */
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import type { RouteConfig, SiteConfig } from '../config/schema.js';
 import type { Selector } from '../upstream/balancer.js';
 import type { Clock } from '../upstream/clock.js';
@@ -102,7 +103,7 @@ export async function buildRuntimeInTurns(
 ): Promise<Runtime> {
   const builder = new RuntimeBuilder(logger, options);
   for (let i = 0; i < sites.length; i++) {
-    if (i > 0 && i % slice === 0) await new Promise<void>((resolveTurn) => setImmediate(resolveTurn));
+    if (i > 0 && i % slice === 0) await nextTurn();
     builder.add(sites[i]!);
   }
   return builder.finish();

@@ -19,6 +19,7 @@ import type { Certificate, CertificateSource } from './source.js';
 import { availableParallelism } from 'node:os';
 import { fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import { CertificateError, certificateFromVerifiedPem, normalizeHostName, verifyPemPair, type CertificateErrorCode, type LeafFacts } from './pem.js';
 import type { VerifyBatch, VerifyBatchResult, VerifyJob } from './verify-worker.js';
 import type { Storage } from './storage.js';
@@ -641,7 +642,7 @@ export async function loadStaticCertificates(entries: readonly { readonly cert: 
   const misses: Miss[] = [];
   let unreadable: CertificateError | undefined;
   for (let index = 0; index < entries.length; index++) {
-    if (index > 0 && index % STATIC_BATCH === 0) await new Promise<void>((resolve) => setImmediate(resolve));
+    if (index > 0 && index % STATIC_BATCH === 0) await nextTurn();
     const { cert, key } = entries[index]!;
     let certBytes: Buffer;
     let keyBytes: Buffer;
@@ -717,7 +718,7 @@ async function verifyInThread(misses: readonly Miss[]): Promise<(LeafFacts | Cer
   const parsedChain = new Set<string>();
   const out: (LeafFacts | CertificateError)[] = [];
   for (let i = 0; i < misses.length; i++) {
-    if (i > 0 && i % STATIC_BATCH === 0) await new Promise<void>((resolve) => setImmediate(resolve));
+    if (i > 0 && i % STATIC_BATCH === 0) await nextTurn();
     const { job } = misses[i]!;
     try {
       out.push(verifyPemPair(job.certPem, job.keyPem, { certFile: job.certFile, keyFile: job.keyFile }, parsedChain));
