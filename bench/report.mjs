@@ -9,7 +9,7 @@ const [file, scenarioArg, targetArg] = process.argv.slice(2);
 const scenarios = scenarioArg.split(',').filter(Boolean);
 const targets = targetArg.split(',').filter(Boolean);
 
-const TARGET_NAMES = { direct: 'Direct backend', gatehouse: 'Gatehouse', nginx: 'nginx', caddy: 'Caddy', haproxy: 'HAProxy' };
+const TARGET_NAMES = { direct: 'Direct backend', gatehouse: 'Gatehouse', parts: 'Node + undici alone', nginx: 'nginx', caddy: 'Caddy', haproxy: 'HAProxy' };
 const meta = {};
 const results = new Map(); // "target scenario" -> result object
 const cpu = new Map(); // "target scenario" -> [load CPU %, proxy CPU %]
@@ -85,11 +85,17 @@ function targetLines() {
     const c = results.get(`caddy ${t.scenario}`);
     if (!measured(t.scenario, g) || !measured(t.scenario, c)) continue;
     const ratio = g.value / c.value;
-    lines.push(`| ${t.name} | Gatehouse ÷ Caddy ${ratio.toFixed(2)}× | ≥ ${t.min}× | ${ratio >= t.min ? 'met' : 'not met'} |`);
+    // The same ratio for the parts-alone proxy (bench/parts-proxy.mjs): what Node's servers and
+    // undici reach without any of Gatehouse's own code.
+    const p = results.get(`parts ${t.scenario}`);
+    const parts = measured(t.scenario, p) ? `${(p.value / c.value).toFixed(2)}×` : 'not run';
+    lines.push(`| ${t.name} | Gatehouse ÷ Caddy ${ratio.toFixed(2)}× | ≥ ${t.min}× | ${ratio >= t.min ? 'met' : 'not met'} | ${parts} |`);
   }
   const lat = results.get('gatehouse latency');
   if (scenarios.includes('latency') && measured('latency', lat) && Number.isFinite(lat.added_p99)) {
-    lines.push(`| p99 added at ${formatRate(lat.rate)} req/s | ${formatMs(lat.added_p99)} ms | < 2 ms | ${lat.added_p99 < 2 ? 'met' : 'not met'} |`);
+    const p = results.get('parts latency');
+    const parts = measured('latency', p) && Number.isFinite(p.added_p99) ? `${formatMs(p.added_p99)} ms at ${formatRate(p.rate)} req/s` : 'not run';
+    lines.push(`| p99 added at ${formatRate(lat.rate)} req/s | ${formatMs(lat.added_p99)} ms | < 2 ms | ${lat.added_p99 < 2 ? 'met' : 'not met'} | ${parts} |`);
   }
   return lines;
 }
@@ -112,8 +118,8 @@ if (verdicts.length > 0) {
   out.push('');
   out.push('Targets of the performance issue, in this run:');
   out.push('');
-  out.push('| Target | Measured | Wanted | |');
-  out.push('|---|---:|---:|---|');
+  out.push('| Target | Measured | Wanted | | Node + undici alone, same measure |');
+  out.push('|---|---:|---:|---|---:|');
   out.push(...verdicts);
 }
 if (cpu.size > 0) {

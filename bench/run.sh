@@ -8,7 +8,8 @@
 #   BENCH_DURATION   seconds per measurement (default 10)
 #   BENCH_WARMUP     seconds of warm-up before each measurement (default 2)
 #   BENCH_SCENARIOS  comma list (default all): h1,h1-256k,h1-tls,h2,tls-new,ws,latency
-#   BENCH_TARGETS    comma list (default all): direct,gatehouse,nginx,caddy,haproxy
+#   BENCH_TARGETS    comma list (default all): direct,gatehouse,parts,nginx,caddy,haproxy
+#                    (parts: bench/parts-proxy.mjs, Node's servers and undici without Gatehouse)
 #   BENCH_RATE       requests/s of the latency scenario (default: half of the same target's h1-tls
 #                    req/s in this run, or 1000 when h1-tls was not measured)
 #   BENCH_INSTALL    0 = never apt-get install missing tools (default 1, as root only)
@@ -27,7 +28,7 @@ RATE=${BENCH_RATE:-}
 LATENCY_CONNECTIONS=32
 WRK_CONNECTIONS=50
 ALL_SCENARIOS=h1,h1-256k,h1-tls,h2,tls-new,ws,latency
-ALL_TARGETS=direct,gatehouse,nginx,caddy,haproxy
+ALL_TARGETS=direct,gatehouse,parts,nginx,caddy,haproxy
 SCENARIOS=${BENCH_SCENARIOS:-$ALL_SCENARIOS}
 TARGETS=${BENCH_TARGETS:-$ALL_TARGETS}
 
@@ -106,6 +107,12 @@ start_target() {
       # overrides it ("glibc.malloc.trim_threshold=131072" is glibc's default).
       start gatehouse "$CPU_PROXY" env GLIBC_TUNABLES="${BENCH_GLIBC_TUNABLES:-glibc.malloc.trim_threshold=67108864}" \
         node dist/cli.js run --config "$TMP/gatehouse.yaml"
+      TARGET_PID=$STARTED_PID ;;
+    parts)
+      # The same parts as Gatehouse (node:http, node:http2, undici) and none of its own code, with
+      # the same heap tuning: the ceiling Gatehouse's code is measured against.
+      start parts "$CPU_PROXY" env GLIBC_TUNABLES="${BENCH_GLIBC_TUNABLES:-glibc.malloc.trim_threshold=67108864}" \
+        node "$BENCH_DIR/parts-proxy.mjs" "$PLAIN_PORT" "$TLS_PORT" "$BACKEND_PORT" "$WS_PORT" "$CERT" "$KEY"
       TARGET_PID=$STARTED_PID ;;
     nginx)
       render "$BENCH_DIR/templates/nginx.conf" "$TMP/nginx.conf"

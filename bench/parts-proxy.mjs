@@ -1,0 +1,106 @@
+// The "parts" target of the benchmark: a reverse proxy built from the same parts as Gatehouse and
+// nothing else. Plain HTTP/1.1 on node:http, TLS on node:http2's createSecureServer (ALPN h2 and
+// http/1.1, compat 'request' API, as Gatehouse), upstream requests through an undici Pool's
+// dispatch() with a handler that writes straight to the client response, WebSocket upgrades piped
+// as raw sockets. No routing table, no X-Forwarded-*/Via/X-Request-Id, no access log, metrics,
+// deadlines, retries, health checks or limits. Its figures are what Node's servers plus undici
+// reach on this machine: the ceiling Gatehouse's own code is measured against (bench/README.md).
+// Not a product: it drops hop-by-hop fields and little else.
+// Usage: node bench/parts-proxy.mjs PLAIN_PORT TLS_PORT BACKEND_PORT WS_PORT CERT_FILE KEY_FILE
+import { readFileSync } from 'node:fs';
+import http from 'node:http';
+import http2 from 'node:http2';
+import net from 'node:net';
+import { Pool } from 'undici';
+
+const [plainPort, tlsPort, backendPort, wsPort, certFile, keyFile] = process.argv.slice(2);
+const backend = new Pool(`http://127.0.0.1:${backendPort}`, { connections: 1024 });
+const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade']);
+
+/** undici dispatch handler (legacy interface, as Gatehouse's) relaying one response. */
+class Relay {
+  constructor(res, http2Client) {
+    this.res = res;
+    this.http2 = http2Client;
+    this.resume = null;
+  }
+
+  onConnect() {}
+
+  onHeaders(status, raw, resume) {
+    if (status < 200) return true;
+    this.resume = resume;
+    const res = this.res;
+    if (this.http2) {
+      const headers = {};
+      for (let i = 0; i < raw.length; i += 2) {
+        const name = raw[i].toString('latin1').toLowerCase();
+        if (!HOP_BY_HOP.has(name)) headers[name] = raw[i + 1].toString('latin1');
+      }
+      res.writeHead(status, headers);
+    } else {
+      const headers = [];
+      for (let i = 0; i < raw.length; i += 2) {
+        const name = raw[i].toString('latin1');
+        if (!HOP_BY_HOP.has(name.toLowerCase())) headers.push(name, raw[i + 1].toString('latin1'));
+      }
+      res.writeHead(status, headers);
+    }
+    return true;
+  }
+
+  onData(chunk) {
+    if (this.res.write(chunk)) return true;
+    this.res.once('drain', () => this.resume?.());
+    return false;
+  }
+
+  onComplete() {
+    this.res.end();
+  }
+
+  onError() {
+    if (this.res.headersSent) this.res.destroy();
+    else {
+      this.res.statusCode = 502;
+      this.res.end();
+    }
+  }
+}
+
+function forward(req, res) {
+  const http2Client = req.httpVersionMajor === 2;
+  const headers = [];
+  const raw = req.rawHeaders;
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i];
+    if (name.charCodeAt(0) === 58 /* ':' */ || HOP_BY_HOP.has(name.toLowerCase())) continue;
+    headers.push(name, raw[i + 1]);
+  }
+  if (http2Client) headers.push('host', req.headers[':authority']);
+  const hasBody = req.headers['content-length'] !== undefined || req.headers['transfer-encoding'] !== undefined;
+  backend.dispatch({ path: req.url, method: req.method, headers, body: hasBody && !http2Client ? req : null }, new Relay(res, http2Client));
+}
+
+/** WebSocket and other HTTP/1.1 upgrades: the request head goes to the WebSocket backend, then raw bytes both ways. */
+function upgrade(req, socket, head) {
+  const upstream = net.connect(Number(wsPort), '127.0.0.1');
+  let text = `${req.method} ${req.url} HTTP/1.1\r\n`;
+  for (let i = 0; i < req.rawHeaders.length; i += 2) text += `${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}\r\n`;
+  upstream.write(`${text}\r\n`);
+  if (head.length > 0) upstream.write(head);
+  upstream.pipe(socket).pipe(upstream);
+  upstream.on('error', () => socket.destroy());
+  socket.on('error', () => upstream.destroy());
+}
+
+const plain = http.createServer({ keepAliveTimeout: 75_000 }, forward);
+plain.on('upgrade', upgrade);
+plain.listen(Number(plainPort), '127.0.0.1');
+
+const secure = http2.createSecureServer({ cert: readFileSync(certFile), key: readFileSync(keyFile), allowHTTP1: true });
+secure.on('request', forward);
+secure.on('upgrade', upgrade);
+secure.listen(Number(tlsPort), '127.0.0.1');
+
+process.on('SIGTERM', () => process.exit(0));
