@@ -217,6 +217,41 @@ sites:
     s.close();
   });
 
+  it('streams the client resets with an error code, waiting or mid-answer, leave the server serving every kind of request', async () => {
+    const s = await session(gh.httpsPort);
+    try {
+      // Reset while the upstream is still answering (a GET: served from its stream), and right
+      // after the response HEADERS arrived; INTERNAL_ERROR and PROTOCOL_ERROR, not a plain CANCEL.
+      for (const code of [constants.NGHTTP2_INTERNAL_ERROR, constants.NGHTTP2_PROTOCOL_ERROR]) {
+        const waiting = s.request({ ':path': `/reset-waiting-${code}?delay=300` });
+        waiting.on('error', () => {});
+        setTimeout(() => waiting.close(code), 50);
+        const answered = s.request({ ':path': `/reset-answered-${code}` });
+        answered.on('error', () => {});
+        answered.once('response', () => answered.close(code));
+        // (events.once would reject on the 'error' these streams emit for their own reset.)
+        await Promise.all([waiting, answered].map((stream) => new Promise((resolve) => stream.once('close', resolve))));
+      }
+      await new Promise((r) => setTimeout(r, 400));
+      // Still serving, on the same session: without a body, HEAD, with a body, and with trailers.
+      const get = await h2Request(s, { ':path': '/after-reset' });
+      assert.equal(get.status, 200);
+      assert.equal(JSON.parse(get.body).url, '/after-reset');
+      const head = await h2Request(s, { ':method': 'HEAD', ':path': '/after-reset-head' });
+      assert.equal(head.status, 200);
+      assert.equal(head.body, '');
+      assert.equal(head.rstCode, constants.NGHTTP2_NO_ERROR);
+      const post = await h2Request(s, { ':method': 'POST', ':path': '/after-reset-post' }, 'a body');
+      assert.equal(post.status, 200);
+      assert.equal(JSON.parse(post.body).bodyLength, 6);
+      const created = await h2Request(s, { ':path': '/after-reset-status?status=201&header=x-answer:yes' });
+      assert.equal(created.status, 201);
+      assert.equal(created.headers['x-answer'], 'yes');
+    } finally {
+      s.close();
+    }
+  });
+
   it(':authority wins over a conflicting host, and Host is regenerated from it', async () => {
     const s = await session(gh.httpsPort, 'other.localhost');
     try {

@@ -16,7 +16,7 @@
  *   header block: it is not pinged again until more bytes arrive, so idle sessions cost no PINGs.
  */
 import type { IncomingMessage, Server as HttpServer, ServerResponse } from 'node:http';
-import { constants as http2Constants, type Http2SecureServer, type Http2Session, type ServerHttp2Stream } from 'node:http2';
+import { constants as http2Constants, type Http2SecureServer, type Http2ServerRequest, type Http2Session, type ServerHttp2Stream } from 'node:http2';
 import type { Socket } from 'node:net';
 import type { ClientsConfig } from '../config/schema.js';
 import type { ClientRequest, ClientResponse } from '../proxy/forward.js';
@@ -73,10 +73,12 @@ export function watchRequestBody(req: ClientRequest, res: ClientResponse, idleMs
     const length = req.headers['content-length'];
     if ((length === undefined || length === '0') && req.headers['transfer-encoding'] === undefined) return;
   }
-  (req as WatchedRequest)[kBodyWatch] = res;
-  req.setTimeout(idleMs);
-  req.on('timeout', onBodyIdle);
-  req.once('end', onBodyEnd);
+  // Here the request has a body: not a StreamRequest (those have none).
+  const watched = req as (IncomingMessage | Http2ServerRequest) & WatchedRequest;
+  watched[kBodyWatch] = res;
+  watched.setTimeout(idleMs);
+  watched.on('timeout', onBodyIdle);
+  watched.once('end', onBodyEnd);
 }
 
 function onBodyIdle(this: ClientRequest & WatchedRequest): void {
@@ -100,7 +102,7 @@ function onBodyIdle(this: ClientRequest & WatchedRequest): void {
   }
 }
 
-function onBodyEnd(this: ClientRequest & WatchedRequest): void {
+function onBodyEnd(this: (IncomingMessage | Http2ServerRequest) & WatchedRequest): void {
   const res = this[kBodyWatch];
   this[kBodyWatch] = undefined;
   this.removeListener('timeout', onBodyIdle);

@@ -18,14 +18,15 @@
  * instead of `'request'` for it, and the listeners answer with {@link rejectRequest} (Node's own
  * 417 would keep the connection and read the unread body as the next request).
  */
-import { STATUS_CODES, type IncomingMessage } from 'node:http';
-import type { Http2ServerRequest } from 'node:http2';
+import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
+import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { Socket } from 'node:net';
 import type { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 import type { ClientLimitsConfig } from '../config/schema.js';
 import { errorBody, failure, type ProxyFailure } from '../proxy/errors.js';
 import { sendProxyError, type ClientRequest, type ClientResponse } from '../proxy/forward.js';
+import type { StreamRequest } from '../proxy/http2-stream.js';
 import { requestEnded, requestStarted } from './connections.js';
 import { watchRequestBody } from './deadlines.js';
 
@@ -179,9 +180,12 @@ export function answerClientError(error: Error & { code?: string; rawPacket?: Bu
   return failed;
 }
 
-/** True for an `http2.Http2ServerRequest` (the version fields of an HTTP/1 request line are the client's to choose). */
-export function isHttp2Request(req: ClientRequest): req is Http2ServerRequest {
-  return (req as Http2ServerRequest).stream !== undefined;
+/**
+ * True for an HTTP/2 request, an `http2.Http2ServerRequest` or a `StreamRequest` (the version
+ * fields of an HTTP/1 request line are the client's to choose).
+ */
+export function isHttp2Request(req: ClientRequest): req is Http2ServerRequest | StreamRequest {
+  return (req as Http2ServerRequest | StreamRequest).stream !== undefined;
 }
 
 /** Absolute-form (RFC 9112 §3.2.2): route by the target's authority, forward its path. */
@@ -264,7 +268,7 @@ function endCountedRequest(this: CountedResponse): void {
  * when it follows a rejected request on the same connection, checked, its body watched for idle
  * pauses, then handed on.
  */
-export function serveHttp1Request(req: IncomingMessage, res: ClientResponse, serving: GuardedServing): void {
+export function serveHttp1Request(req: IncomingMessage, res: ServerResponse | Http2ServerResponse, serving: GuardedServing): void {
   const socket = req.socket;
   requestStarted(socket);
   (res as CountedResponse)[kCountedSocket] = socket;

@@ -6,7 +6,9 @@
  * Why node:http2 and not `spdy`: spdy is unmaintained, relies on removed Node internals and
  * measured 4x slower; Node's own HTTP/2 server is maintained with Node itself.
  */
-import { createSecureServer, Http2ServerRequest, type Http2SecureServer, type Http2ServerResponse } from 'node:http2';
+import {
+  createSecureServer, Http2ServerRequest, type Http2SecureServer, type Http2ServerResponse, type IncomingHttpHeaders, type ServerHttp2Stream,
+} from 'node:http2';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { createServer as createNetServer, type AddressInfo, type Server as NetServer, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -19,6 +21,7 @@ import { applyHttp1Deadlines, Http2SessionWatch, watchRequestBody } from './dead
 import { checkRequest, guardServer, refuse, serveHttp1Request, type GuardedServing } from './guard.js';
 import type { ClientRequest } from '../proxy/forward.js';
 import type { ProxyFailure } from '../proxy/errors.js';
+import { StreamRequest, StreamResponse } from '../proxy/http2-stream.js';
 
 /**
  * HTTP/2 SETTINGS (RFC 9113 §6.5.2) from the client limits: `maxConcurrentStreams` bounded (each
@@ -33,8 +36,12 @@ export function http2Settings(clients: ClientsConfig): { maxConcurrentStreams: n
 export interface HttpsListenerOptions {
   readonly address: ListenAddress;
   readonly store: CertificateStore;
-  /** Handles every request, HTTP/2 streams and HTTP/1.1 requests alike. */
-  readonly onRequest: (req: IncomingMessage | Http2ServerRequest, res: Http2ServerResponse) => void;
+  /**
+   * Handles every request, HTTP/2 streams and HTTP/1.1 requests alike. HTTP/2 requests without a
+   * body come as a `StreamRequest`/`StreamResponse` pair (see `proxy/http2-stream.ts`), the others
+   * as Node's compat objects.
+   */
+  readonly onRequest: (req: IncomingMessage | Http2ServerRequest | StreamRequest, res: Http2ServerResponse | StreamResponse) => void;
   /** Handles HTTP/1.1 Upgrade requests (WebSocket). */
   readonly onUpgrade: (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
   /**
@@ -64,6 +71,8 @@ export class HttpsListener {
   readonly #pending = new Set<RawSocket>();
   #tcp: NetServer | undefined;
   #detach: (() => void) | undefined;
+  /** Node's compat 'stream' listener, for the HTTP/2 requests {@link #onStream} does not serve itself. */
+  #compat: CompatStreamListener | undefined;
 
   constructor(options: HttpsListenerOptions) {
     this.#options = options;
@@ -103,7 +112,20 @@ export class HttpsListener {
       }
       serveHttp1Request(req, res, serving);
     };
+    const before = new Set(server.listeners('stream'));
     server.on('request', onRequest);
+    // Adding a 'request' listener made Node put its compat layer on 'stream' (one listener that
+    // builds Http2ServerRequest/Http2ServerResponse and emits 'request'). Take it off: streams
+    // without a body are served from the stream (proxy/http2-stream.ts), the rest are handed to it.
+    // Should a Node release not add it, the compat path is left as Node set it up.
+    const compat = server.listeners('stream').filter((listener) => !before.has(listener)) as CompatStreamListener[];
+    if (compat.length === 1) {
+      this.#compat = compat[0]!;
+      server.removeListener('stream', this.#compat);
+      server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, flags: number, rawHeaders: string[]) => {
+        this.#onStream(stream, headers, flags, rawHeaders);
+      });
+    }
     server.on('checkContinue', (req: IncomingMessage | Http2ServerRequest, res: Http2ServerResponse) => {
       markAwaitingContinue(req);
       onRequest(req, res);
@@ -124,8 +146,23 @@ export class HttpsListener {
     this.#detach = options.store.attach(server);
   }
 
+  /**
+   * A new HTTP/2 stream. One whose HEADERS ended it (no body), without `Expect` and not a CONNECT,
+   * gets a StreamRequest/StreamResponse pair; any other goes through Node's compat layer, which
+   * emits 'request' with its own objects (body streaming, `100-continue`, flow control).
+   */
+  #onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, flags: number, rawHeaders: string[]): void {
+    if (!stream.endAfterHeaders || headers.expect !== undefined || headers[':method'] === 'CONNECT') {
+      this.#compat!.call(this.server, stream, headers, flags, rawHeaders);
+      return;
+    }
+    // As the compat layer does: a stream error (a reset from the client) must not be unhandled.
+    stream.on('error', ignoreStreamError);
+    setImmediate(dispatchStream, new StreamRequest(stream, headers, rawHeaders), new StreamResponse(stream), this);
+  }
+
   /** @internal An HTTP/2 request, one turn of the event loop after its HEADERS: still open, and valid? */
-  dispatchStream(req: Http2ServerRequest, res: Http2ServerResponse): void {
+  dispatchStream(req: Http2ServerRequest | StreamRequest, res: Http2ServerResponse | StreamResponse): void {
     const stream = req.stream;
     if (stream.destroyed || stream.closed) return;
     const serving = this.#serving;
@@ -220,9 +257,15 @@ export function listenOn(server: NetServer, address: ListenAddress): Promise<voi
   });
 }
 
-function dispatchStream(req: Http2ServerRequest, res: Http2ServerResponse, listener: HttpsListener): void {
+function dispatchStream(req: Http2ServerRequest | StreamRequest, res: Http2ServerResponse | StreamResponse, listener: HttpsListener): void {
   listener.dispatchStream(req, res);
 }
+
+/** Node's compat layer's listener of the server's 'stream' event. */
+type CompatStreamListener = (this: Http2SecureServer, stream: ServerHttp2Stream, headers: IncomingHttpHeaders, flags: number, rawHeaders: string[]) => void;
+
+/** Stream errors are seen through 'close' (proxy/forward.ts); nothing to do here. */
+function ignoreStreamError(): void {}
 
 const kAccepted = Symbol('gatehouse.accepted');
 

@@ -74,7 +74,8 @@ export class ExchangeCapture {
     this.startedAt = performance.now();
     this.request = new BodyCopy(config.max_body);
     this.response = new BodyCopy(config.max_body);
-    this.origPush = req.push as Push;
+    // A StreamRequest has no body and no push: nothing to wrap.
+    this.origPush = (req as { push?: Push }).push as Push;
     this.origWriteHead = res.writeHead as unknown as AnyFunction;
     this.origWrite = res.write as unknown as AnyFunction;
     this.origEnd = res.end as unknown as AnyFunction;

@@ -15,7 +15,7 @@
  */
 import { LRUCache } from 'lru-cache';
 import type { RateLimitConfig } from '../config/schema.js';
-import type { ClientRequest, ClientResponse } from '../proxy/forward.js';
+import { endable, type ClientRequest, type ClientResponse } from '../proxy/forward.js';
 import type { ClientAddress } from './client-ip.js';
 
 /** The policy name in the RateLimit headers. */
@@ -116,8 +116,8 @@ function tooManyRequests(req: ClientRequest, res: ClientResponse, policy: string
   }
   try {
     res.writeHead(429, headers);
-    if (req.method === 'HEAD') res.end();
-    else res.end(BODY);
+    if (req.method === 'HEAD') endable(res).end();
+    else endable(res).end(BODY);
   } catch {
     res.destroy();
   }

@@ -1,5 +1,6 @@
 /**
- * The proxy hot path: relays one client request (HTTP/1.x or HTTP/2 compat API) to one upstream over
+ * The proxy hot path: relays one client request (HTTP/1.x; HTTP/2 through Node's compat API or, without
+ * a body, straight from its stream: `proxy/http2-stream.ts`) to one upstream over
  * its undici pool and relays the answer back, streaming both bodies with backpressure.
  *
  * One `ProxyExchange` object per request is both undici's dispatch handler (the legacy
@@ -29,15 +30,29 @@ import type { UpstreamGroup } from '../upstream/group.js';
 import type { Upstream } from '../upstream/pool.js';
 import { retryVerdict, type RetryVerdict } from '../upstream/retry.js';
 import { classifyUpstreamError, errorBody, FAILURES, ProxyAbortError, type ProxyFailure } from './errors.js';
+import type { StreamRequest, StreamResponse } from './http2-stream.js';
 import {
   newRequestHeadFacts, toClientResponseHeaders, toClientTrailers, toUpstreamRequestHeaders,
   type ClientResponseHeaders, type RequestHeadFacts,
 } from './headers.js';
 
-/** A client request: `http.IncomingMessage` (HTTP/1.x, TLS or plain) or `http2.Http2ServerRequest`. */
-export type ClientRequest = IncomingMessage | Http2ServerRequest;
-/** A client response: `http.ServerResponse` or `http2.Http2ServerResponse`. */
-export type ClientResponse = ServerResponse | Http2ServerResponse;
+/**
+ * A client request: `http.IncomingMessage` (HTTP/1.x, TLS or plain), `http2.Http2ServerRequest`
+ * (HTTP/2 with a body), or a {@link StreamRequest} (HTTP/2 without a body, served from its stream).
+ */
+export type ClientRequest = IncomingMessage | Http2ServerRequest | StreamRequest;
+/** A client response: `http.ServerResponse`, `http2.Http2ServerResponse` or a {@link StreamResponse}. */
+export type ClientResponse = ServerResponse | Http2ServerResponse | StreamResponse;
+/**
+ * `end` as every client response has it (their overloads differ, so a union cannot be called):
+ * `endable(res).end(body)`.
+ */
+export function endable(res: ClientResponse): { end(chunk?: string | Buffer): unknown } {
+  return res as { end(chunk?: string | Buffer): unknown };
+}
+/** The HTTP/2 request and response kinds; both carry their `stream`. */
+type Http2Request = Http2ServerRequest | StreamRequest;
+type Http2Response = Http2ServerResponse | StreamResponse;
 
 /** What `forward` needs besides the request and response; built by the router per request. */
 export interface ForwardTarget {
@@ -166,7 +181,7 @@ export function sendProxyError(res: ClientResponse, failure: ProxyFailure, reque
       if (close) headers.push('Connection', 'close');
       res.writeHead(failure.status, headers);
     }
-    res.end(body);
+    endable(res).end(body);
   } catch {
     res.destroy();
   }
@@ -193,6 +208,11 @@ class ProxyExchange implements ForwardOutcome {
   host = '';
 
   private readonly http2: boolean;
+  /**
+   * Where the client side's 'close' and 'drain' are listened for: the response (HTTP/1.x), or the
+   * HTTP/2 stream itself (the compat response only relays the stream's events).
+   */
+  private readonly events: ExchangeCarrier & { on(event: 'close' | 'drain', listener: (this: ExchangeCarrier) => void): unknown };
   /**
    * HTTP/2 only: the response goes straight to the `ServerHttp2Stream` (`respond`/`write`/`end`)
    * instead of through the compat `Http2ServerResponse`, whose `writeHead` copies and validates
@@ -238,6 +258,7 @@ class ProxyExchange implements ForwardOutcome {
     this.upstream = target.upstream.origin;
     this.setCookie = target.setCookie;
     this.http2 = req.httpVersionMajor === 2;
+    this.events = (this.http2 ? (res as Http2Response).stream : res) as ProxyExchange['events'];
     this.maxBody = target.maxBody ?? 0;
   }
 
@@ -249,8 +270,9 @@ class ProxyExchange implements ForwardOutcome {
     this.host = facts.host;
     this.current.inFlight++;
 
-    (res as ExchangeCarrier)[kExchange] = this;
-    res.on('close', onClientClose);
+    const events = this.events;
+    events[kExchange] = this;
+    events.on('close', onClientClose);
 
     if (this.maxBody > 0 && facts.contentLength > this.maxBody) {
       this.fail(FAILURES.bodyTooLarge);
@@ -261,8 +283,8 @@ class ProxyExchange implements ForwardOutcome {
     if (this.http2) {
       // An Http2ServerRequest must not be handed to undici: undici destroys its body stream when
       // done, which would reset the HTTP/2 stream before the response is sent.
-      const stream = (req as Http2ServerRequest).stream;
-      if (facts.contentLength !== 0 && !stream.endAfterHeaders && !req.readableEnded) body = new RequestBody(req);
+      const stream = (req as Http2Request).stream;
+      if (facts.contentLength !== 0 && !stream.endAfterHeaders && !req.readableEnded) body = new RequestBody(req as Http2ServerRequest);
     } else if (facts.contentLength > 0 || facts.chunked) {
       body = req as IncomingMessage;
     }
@@ -320,8 +342,8 @@ class ProxyExchange implements ForwardOutcome {
     const extra = this.target.responseHeaders;
     if (this.setCookie !== undefined || extra !== undefined) addResponseHeaders(headers, this.http2, this.setCookie, extra);
     try {
-      if (this.http2 && respondDirect(this.res as Http2ServerResponse, statusCode, headers as Record<string, string | string[]>, this.req.method === 'HEAD')) {
-        this.direct = (this.res as Http2ServerResponse).stream;
+      if (this.http2 && respondDirect(this.res as Http2Response, statusCode, headers as Record<string, string | string[]>, this.req.method === 'HEAD')) {
+        this.direct = (this.res as Http2Response).stream;
       } else {
         (this.res as ServerResponse).writeHead(statusCode, headers as string[]);
       }
@@ -340,12 +362,11 @@ class ProxyExchange implements ForwardOutcome {
     const res = this.direct ?? this.res as ServerResponse;
     // Keep reading while less than RESPONSE_BUFFER is queued for the client, though write() says
     // false past the socket's 16 KiB mark: pausing the upstream for each 64 KiB chunk costs a
-    // readStop/readStart pair and an event-loop turn per chunk on large bodies. ('drain' is listened
-    // for on the compat response in both cases: it relays the stream's.)
+    // readStop/readStart pair and an event-loop turn per chunk on large bodies.
     if (res.write(chunk) || res.writableLength < RESPONSE_BUFFER) return true;
     if (!this.drainListening) {
       this.drainListening = true;
-      this.res.on('drain', onClientDrain);
+      this.events.on('drain', onClientDrain);
     }
     return false; // undici pauses the upstream socket until resume()
   }
@@ -363,7 +384,7 @@ class ProxyExchange implements ForwardOutcome {
       } catch {
         // Trailers the client protocol cannot carry are dropped; the body is complete.
       }
-      this.res.end();
+      endable(this.res).end();
     }
     this.done();
   }
@@ -564,7 +585,7 @@ function onClientDrain(this: ExchangeCarrier): void {
  * @returns false (nothing written) when the compat path must be used.
  * @throws what `ServerHttp2Stream.respond` throws (an invalid field or a closed stream).
  */
-function respondDirect(res: Http2ServerResponse, status: number, headers: Record<string, string | string[]>, head: boolean): boolean {
+function respondDirect(res: Http2Response, status: number, headers: Record<string, string | string[]>, head: boolean): boolean {
   if (Object.hasOwn(res, 'writeHead') || Object.hasOwn(res, 'write') || Object.hasOwn(res, 'end')) return false;
   const stream = res.stream;
   if (headers['content-length'] === undefined && status !== 204 && status !== 304 && !head) return false;
@@ -587,14 +608,14 @@ function respondDirect(res: Http2ServerResponse, status: number, headers: Record
  */
 const RESPOND_OPTIONS = Object.freeze({ waitForTrailers: true });
 
-function isHttp2Response(res: ClientResponse): res is Http2ServerResponse {
-  return (res as Http2ServerResponse).stream !== undefined;
+function isHttp2Response(res: ClientResponse): res is Http2Response {
+  return (res as Http2Response).stream !== undefined;
 }
 
 /** Makes a started response visibly incomplete: destroy the HTTP/1.1 socket or reset the HTTP/2 stream. */
 function abortClientResponse(res: ClientResponse, http2: boolean): void {
   if (http2) {
-    const stream = (res as Http2ServerResponse).stream;
+    const stream = (res as Http2Response).stream;
     if (!stream.destroyed) stream.close(http2Constants.NGHTTP2_INTERNAL_ERROR);
   } else {
     res.destroy();
@@ -614,7 +635,7 @@ interface BodyCarrier {
  * control never stalls the connection.
  */
 class RequestBody extends Readable {
-  constructor(private readonly source: ClientRequest) {
+  constructor(private readonly source: Http2ServerRequest) {
     super();
     (source as BodyCarrier)[kBody] = this;
     source.on('data', onSourceData);

@@ -8,7 +8,6 @@
  * RFC 9110 §15.5.20), 503 (no available upstream).
  */
 import type { IncomingMessage } from 'node:http';
-import type { Http2ServerRequest } from 'node:http2';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
@@ -86,7 +85,7 @@ export function awaitsContinue(req: ClientRequest): boolean {
 }
 
 /** The host a request is for: `:authority` (HTTP/2, wins over `host`), else `Host` (RFC 9113 §8.3.1). */
-export function requestHost(req: IncomingMessage | Http2ServerRequest): string | undefined {
+export function requestHost(req: ClientRequest): string | undefined {
   const headers = req.headers;
   const authority = headers[':authority'];
   return normalizeHost(typeof authority === 'string' ? authority : headers.host);
