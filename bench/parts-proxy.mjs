@@ -1,6 +1,7 @@
 // The "parts" target of the benchmark: a reverse proxy built from the same parts as Gatehouse and
 // nothing else. Plain HTTP/1.1 on node:http, TLS on node:http2's createSecureServer (ALPN h2 and
-// http/1.1, compat 'request' API, as Gatehouse), upstream requests through an undici Pool's
+// http/1.1; as Gatehouse, HTTP/2 requests without a body are served from the 'stream' event and the
+// others through the compat 'request' API), upstream requests through an undici Pool's
 // dispatch() with a handler that writes straight to the client response, WebSocket upgrades piped
 // as raw sockets. No routing table, no X-Forwarded-*/Via/X-Request-Id, no access log, metrics,
 // deadlines, retries, health checks or limits. Its figures are what Node's servers plus undici
@@ -98,8 +99,65 @@ const plain = http.createServer({ keepAliveTimeout: 75_000 }, forward);
 plain.on('upgrade', upgrade);
 plain.listen(Number(plainPort), '127.0.0.1');
 
+/** The same relay for an HTTP/2 request served from its stream (no compat objects). */
+class StreamRelay {
+  constructor(stream) {
+    this.stream = stream;
+    this.resume = null;
+  }
+
+  onConnect() {}
+
+  onHeaders(status, raw, resume) {
+    if (status < 200) return true;
+    this.resume = resume;
+    const headers = { ':status': status };
+    for (let i = 0; i < raw.length; i += 2) {
+      const name = raw[i].toString('latin1').toLowerCase();
+      if (!HOP_BY_HOP.has(name)) headers[name] = raw[i + 1].toString('latin1');
+    }
+    this.stream.respond(headers, { waitForTrailers: true });
+    return true;
+  }
+
+  onData(chunk) {
+    if (this.stream.write(chunk)) return true;
+    this.stream.once('drain', () => this.resume?.());
+    return false;
+  }
+
+  onComplete() {
+    if (!this.stream.writableEnded) this.stream.end();
+  }
+
+  onError() {
+    if (this.stream.headersSent) this.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
+    else if (!this.stream.destroyed) this.stream.respond({ ':status': 502 }, { endStream: true });
+  }
+}
+
+function ignore() {}
+
 const secure = http2.createSecureServer({ cert: readFileSync(certFile), key: readFileSync(keyFile), allowHTTP1: true });
 secure.on('request', forward);
+// As Gatehouse (src/listeners/https.ts): Node's compat listener on 'stream' serves only requests with a body.
+const [compat] = secure.listeners('stream');
+secure.removeListener('stream', compat);
+secure.on('stream', (stream, hdrs, flags, raw) => {
+  if (!stream.endAfterHeaders || hdrs.expect !== undefined || hdrs[':method'] === 'CONNECT') {
+    compat.call(secure, stream, hdrs, flags, raw);
+    return;
+  }
+  stream.on('error', ignore);
+  const headers = [];
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i];
+    if (name.charCodeAt(0) === 58 /* ':' */ || HOP_BY_HOP.has(name)) continue;
+    headers.push(name, raw[i + 1]);
+  }
+  headers.push('host', hdrs[':authority']);
+  backend.dispatch({ path: hdrs[':path'], method: hdrs[':method'], headers, body: null }, new StreamRelay(stream));
+});
 secure.on('upgrade', upgrade);
 secure.listen(Number(tlsPort), '127.0.0.1');
 
