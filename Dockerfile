@@ -3,16 +3,17 @@
 #   docker run -p 80:80 -p 443:443 -v gatehouse-certs:/data -v $PWD/gatehouse.yaml:/etc/gatehouse/gatehouse.yaml:ro gatehouse
 # In the config, set tls.storage: /data so certificates and account keys live in the volume.
 
-FROM node:20-bookworm-slim AS build
+FROM node:24-bookworm-slim AS build
 WORKDIR /src
 COPY package.json package-lock.json tsconfig.json ./
 RUN npm ci --ignore-scripts
 COPY src ./src
 RUN npm run build
 
-FROM node:20-bookworm-slim
+FROM node:24-bookworm-slim
 ENV NODE_ENV=production
-# glibc heap trimming for a proxy's buffer churn (README, Performance): Node 20 cannot set it itself.
+# glibc heap trimming for a proxy's buffer churn (README, Performance). Node >= 22.15 would restart
+# itself with it; set here, the process starts with it and needs no restart.
 ENV GLIBC_TUNABLES=glibc.malloc.trim_threshold=67108864
 WORKDIR /app
 COPY package.json package-lock.json ./
