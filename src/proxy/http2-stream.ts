@@ -48,10 +48,10 @@ export class StreamRequest {
 
   /**
    * The connection's TLS socket (through Node's HTTP/2 socket proxy, as `Http2ServerRequest.socket`),
-   * or null once the session is gone.
+   * or undefined once the session is gone.
    */
-  get socket(): TLSSocket {
-    return this.stream.session?.socket as TLSSocket;
+  get socket(): TLSSocket | undefined {
+    return this.stream.session?.socket as TLSSocket | undefined;
   }
 }
 

@@ -106,7 +106,7 @@ export function dispatchRequest(
   let routed = routedArg;
   if (routed === undefined) {
     if (ctx.certificateCovers !== undefined) {
-      const serverName = (req.socket as TLSSocket).servername;
+      const serverName = (req.socket as TLSSocket | undefined)?.servername;
       if (typeof serverName === 'string' && serverName !== host && !ctx.certificateCovers(serverName, host)) {
         return reject(req, res, ctx, startedAt, host, undefined, ROUTING_FAILURES.misdirected);
       }
@@ -174,7 +174,7 @@ class RoutedExchange implements ForwardTarget {
     this.responseHeaders = ctx.protocol === 'https' ? site.httpsResponseHeaders : undefined;
     this.path = route.strip === '' ? url : stripPrefix(url, route.strip);
     this.maxBody = route.config.max_body;
-    this.clientIp = req.socket.remoteAddress ?? '';
+    this.clientIp = req.socket?.remoteAddress ?? '';
   }
 
   onDone(outcome: ForwardOutcome): void {
