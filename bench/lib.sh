@@ -106,8 +106,8 @@ json_string() {
   printf '"%s"' "$s"
 }
 
-# record TARGET SCENARIO JSON: one result line for report.mjs.
-record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$RESULTS"; }
+# record TARGET SCENARIO JSON: one result line for report.mjs, with the round (ROUND, default 1).
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${ROUND:-1}" >> "$RESULTS"; }
 record_error() { record "$1" "$2" "{\"value\":null,\"error\":$(json_string "$3")}"; }
 
 # wrk and h2load print text; parse it into the JSON result line.

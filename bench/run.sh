@@ -12,6 +12,9 @@
 #                    (parts: bench/parts-proxy.mjs, Node's servers and undici without Gatehouse)
 #   BENCH_RATE       requests/s of the latency scenario (default: half of the same target's h1-tls
 #                    req/s in this run, or 1000 when h1-tls was not measured)
+#   BENCH_ROUNDS     rounds (default 1): every target measured once per round, targets taking
+#                    turns, so a slow spell of the machine falls on all of them; the table gives
+#                    each figure's median over the rounds and the targets' median ratio
 #   BENCH_INSTALL    0 = never apt-get install missing tools (default 1, as root only)
 set -uo pipefail
 
@@ -25,6 +28,8 @@ cd "$ROOT" || exit 1
 DURATION=${BENCH_DURATION:-10}
 WARMUP=${BENCH_WARMUP:-2}
 RATE=${BENCH_RATE:-}
+ROUNDS=${BENCH_ROUNDS:-1}
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { log "BENCH_ROUNDS must be a whole number >= 1, not '$ROUNDS'"; exit 1; }
 LATENCY_CONNECTIONS=32
 WRK_CONNECTIONS=50
 ALL_SCENARIOS=h1,h1-256k,h1-tls,h2,tls-new,ws,latency
@@ -86,7 +91,8 @@ if reason=$(check "http://127.0.0.1:$BACKEND_PORT/1k" 1024); then :; else log "b
 printf '#meta\tdate\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" >> "$RESULTS"
 printf '#meta\tmachine\t%s CPUs, %s\n' "$(nproc --all)" \
   "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //' || uname -m)" >> "$RESULTS"
-printf '#meta\tsettings\tduration %ss, warm-up %ss, latency rate %s\n' "$DURATION" "$WARMUP" \
+printf '#meta\tsettings\t%sduration %ss, warm-up %ss, latency rate %s\n' \
+  "$([ "$ROUNDS" -gt 1 ] && echo "$ROUNDS rounds (medians), ")" "$DURATION" "$WARMUP" \
   "${RATE:+$RATE req/s}${RATE:-half of the h1-tls req/s of each target}" >> "$RESULTS"
 
 # --- targets: start one, measure every scenario, stop it ---
@@ -141,7 +147,8 @@ start_target() {
 
 is_tls_scenario() { case $1 in h1-tls|h2|tls-new|latency) return 0 ;; *) return 1 ;; esac; }
 
-# result_value TARGET SCENARIO: the throughput recorded for it in this run (integer), or nothing.
+# result_value TARGET SCENARIO: the throughput recorded for it last in this run, i.e. in this round
+# (integer), or nothing.
 result_value() {
   node -e '
     const [file, target, scenario] = process.argv.slice(1);
@@ -188,36 +195,39 @@ run_scenario() {  # run_scenario SCENARIO: prints one JSON result line.
 
 IFS=, read -r -a target_list <<< "$TARGETS"
 IFS=, read -r -a scenario_list <<< "$SCENARIOS"
-for TARGET_NAME in "${target_list[@]}"; do
-  printf '#target\t%s\n' "$TARGET_NAME" >> "$RESULTS"
-  log "$TARGET_NAME: starting"
-  if ! start_target "$TARGET_NAME"; then
-    log "$TARGET_NAME: $REASON"
-    for scenario in "${scenario_list[@]}"; do record_error "$TARGET_NAME" "$scenario" "$REASON"; done
-    [ -n "$TARGET_PID" ] && stop "$TARGET_PID"
-    continue
-  fi
-  plain_ok=; tls_ok=
-  plain_ok=$(check "http://127.0.0.1:$TARGET_PLAIN/1k" 1024) && plain_ok=ok
-  tls_ok=$(check "https://bench.localhost:$TARGET_TLS/1k" 1024 --http2 \
-    --resolve "bench.localhost:$TARGET_TLS:127.0.0.1") && tls_ok=ok
-  for scenario in "${scenario_list[@]}"; do
-    if is_tls_scenario "$scenario"; then gate=$tls_ok; else gate=$plain_ok; fi
-    if [ "$gate" != ok ]; then record_error "$TARGET_NAME" "$scenario" "$gate"; continue; fi
-    if [ -n "$TARGET_PID" ] && ! kill -0 "$TARGET_PID" 2>/dev/null; then
-      record_error "$TARGET_NAME" "$scenario" "the process exited: $(tail -c 200 "$TMP/$TARGET_NAME.out" | tr '\n' ' ')"
+for (( ROUND = 1; ROUND <= ROUNDS; ROUND++ )); do
+  [ "$ROUNDS" -gt 1 ] && log "round $ROUND of $ROUNDS"
+  for TARGET_NAME in "${target_list[@]}"; do
+    printf '#target\t%s\n' "$TARGET_NAME" >> "$RESULTS"
+    log "$TARGET_NAME: starting"
+    if ! start_target "$TARGET_NAME"; then
+      log "$TARGET_NAME: $REASON"
+      for scenario in "${scenario_list[@]}"; do record_error "$TARGET_NAME" "$scenario" "$REASON"; done
+      [ -n "$TARGET_PID" ] && stop "$TARGET_PID"
       continue
     fi
-    log "$TARGET_NAME: $scenario"
-    load_before=$(cpu_ticks "$CPU_LOAD"); proxy_before=$(cpu_ticks "$CPU_PROXY")
-    line=$(run_scenario "$scenario" | tail -n 1)
-    [ -n "$line" ] || line='{"value":null,"error":"the load generator printed nothing"}'
-    record "$TARGET_NAME" "$scenario" "$line"
-    # How busy each CPU was (warm-up included): which side was the bottleneck.
-    printf '#cpu\t%s\t%s\t%s\t%s\n' "$TARGET_NAME" "$scenario" \
-      "$(cpu_busy "$load_before" "$(cpu_ticks "$CPU_LOAD")")" "$(cpu_busy "$proxy_before" "$(cpu_ticks "$CPU_PROXY")")" >> "$RESULTS"
+    plain_ok=; tls_ok=
+    plain_ok=$(check "http://127.0.0.1:$TARGET_PLAIN/1k" 1024) && plain_ok=ok
+    tls_ok=$(check "https://bench.localhost:$TARGET_TLS/1k" 1024 --http2 \
+      --resolve "bench.localhost:$TARGET_TLS:127.0.0.1") && tls_ok=ok
+    for scenario in "${scenario_list[@]}"; do
+      if is_tls_scenario "$scenario"; then gate=$tls_ok; else gate=$plain_ok; fi
+      if [ "$gate" != ok ]; then record_error "$TARGET_NAME" "$scenario" "$gate"; continue; fi
+      if [ -n "$TARGET_PID" ] && ! kill -0 "$TARGET_PID" 2>/dev/null; then
+        record_error "$TARGET_NAME" "$scenario" "the process exited: $(tail -c 200 "$TMP/$TARGET_NAME.out" | tr '\n' ' ')"
+        continue
+      fi
+      log "$TARGET_NAME: $scenario"
+      load_before=$(cpu_ticks "$CPU_LOAD"); proxy_before=$(cpu_ticks "$CPU_PROXY")
+      line=$(run_scenario "$scenario" | tail -n 1)
+      [ -n "$line" ] || line='{"value":null,"error":"the load generator printed nothing"}'
+      record "$TARGET_NAME" "$scenario" "$line"
+      # How busy each CPU was (warm-up included): which side was the bottleneck.
+      printf '#cpu\t%s\t%s\t%s\t%s\t%s\n' "$TARGET_NAME" "$scenario" \
+        "$(cpu_busy "$load_before" "$(cpu_ticks "$CPU_LOAD")")" "$(cpu_busy "$proxy_before" "$(cpu_ticks "$CPU_PROXY")")" "$ROUND" >> "$RESULTS"
+    done
+    [ -n "$TARGET_PID" ] && stop "$TARGET_PID"
   done
-  [ -n "$TARGET_PID" ] && stop "$TARGET_PID"
 done
 
 mkdir -p "$BENCH_DIR/results"
