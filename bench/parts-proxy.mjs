@@ -20,8 +20,9 @@ const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te'
 
 /** undici dispatch handler (legacy interface, as Gatehouse's) relaying one response. */
 class Relay {
-  constructor(res, http2Client) {
-    this.res = res;
+  /** @param out the client response (or, in StreamRelay, the HTTP/2 stream): body bytes go to it. */
+  constructor(out, http2Client) {
+    this.out = out;
     this.http2 = http2Client;
     this.resume = null;
   }
@@ -31,7 +32,7 @@ class Relay {
   onHeaders(status, raw, resume) {
     if (status < 200) return true;
     this.resume = resume;
-    const res = this.res;
+    const res = this.out;
     if (this.http2) {
       const headers = {};
       for (let i = 0; i < raw.length; i += 2) {
@@ -51,20 +52,20 @@ class Relay {
   }
 
   onData(chunk) {
-    if (this.res.write(chunk)) return true;
-    this.res.once('drain', () => this.resume?.());
+    if (this.out.write(chunk)) return true;
+    this.out.once('drain', () => this.resume?.());
     return false;
   }
 
   onComplete() {
-    this.res.end();
+    this.out.end();
   }
 
   onError() {
-    if (this.res.headersSent) this.res.destroy();
+    if (this.out.headersSent) this.out.destroy();
     else {
-      this.res.statusCode = 502;
-      this.res.end();
+      this.out.statusCode = 502;
+      this.out.end();
     }
   }
 }
@@ -100,13 +101,10 @@ plain.on('upgrade', upgrade);
 plain.listen(Number(plainPort), '127.0.0.1');
 
 /** The same relay for an HTTP/2 request served from its stream (no compat objects). */
-class StreamRelay {
+class StreamRelay extends Relay {
   constructor(stream) {
-    this.stream = stream;
-    this.resume = null;
+    super(stream, true);
   }
-
-  onConnect() {}
 
   onHeaders(status, raw, resume) {
     if (status < 200) return true;
@@ -116,23 +114,17 @@ class StreamRelay {
       const name = raw[i].toString('latin1').toLowerCase();
       if (!HOP_BY_HOP.has(name)) headers[name] = raw[i + 1].toString('latin1');
     }
-    this.stream.respond(headers, { waitForTrailers: true });
+    this.out.respond(headers, { waitForTrailers: true });
     return true;
   }
 
-  onData(chunk) {
-    if (this.stream.write(chunk)) return true;
-    this.stream.once('drain', () => this.resume?.());
-    return false;
-  }
-
   onComplete() {
-    if (!this.stream.writableEnded) this.stream.end();
+    if (!this.out.writableEnded) this.out.end();
   }
 
   onError() {
-    if (this.stream.headersSent) this.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
-    else if (!this.stream.destroyed) this.stream.respond({ ':status': 502 }, { endStream: true });
+    if (this.out.headersSent) this.out.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
+    else if (!this.out.destroyed) this.out.respond({ ':status': 502 }, { endStream: true });
   }
 }
 
