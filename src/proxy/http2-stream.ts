@@ -101,11 +101,6 @@ export class StreamResponse {
     return this;
   }
 
-  /** A field set with {@link setHeader}. */
-  getHeader(name: string): string | number | string[] | undefined {
-    return this.#headers[name.toLowerCase()];
-  }
-
   /** The fields set with {@link setHeader} (lower-case names); do not modify. */
   getHeaders(): OutgoingHttpHeaders {
     return this.#headers;
