@@ -14,7 +14,7 @@ import { AcmeIssuer } from '../src/acme/manager.js';
 import { configSchema } from '../src/config/schema.js';
 import { FileStorage } from '../src/tls/storage.js';
 import { startChallengeListeners, verifyServes, type ChallengeListeners } from './helpers/acme.js';
-import { freePort, startPebble, type Pebble } from './helpers/pebble.js';
+import { startPebble, type Pebble } from './helpers/pebble.js';
 
 const EAB_KID = 'kid-1';
 const EAB_KEY = 'zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W';
@@ -27,10 +27,10 @@ const tlsAlpn = new TlsAlpnResponder();
 const issuers: AcmeIssuer[] = [];
 
 before(async () => {
-  const [httpPort, tlsPort] = [await freePort(), await freePort()];
+  listeners = await startChallengeListeners(0, 0, http01, tlsAlpn);
+  const { httpPort, tlsPort } = listeners;
   folder = await mkdtemp(join(tmpdir(), 'gatehouse-acme-account-'));
   pebble = await startPebble({ httpPort, tlsPort, externalAccountMACKeys: { [EAB_KID]: EAB_KEY } });
-  listeners = await startChallengeListeners(httpPort, tlsPort, http01, tlsAlpn);
 });
 
 after(async () => {

@@ -13,7 +13,7 @@ import { AcmeIssuer, type AcmeIssuerOptions } from '../src/acme/manager.js';
 import type { Certificate } from '../src/tls/source.js';
 import { FileStorage } from '../src/tls/storage.js';
 import { captureLogger, startChallengeListeners, verifyServes, type ChallengeListeners } from './helpers/acme.js';
-import { freePort, startPebble, type Pebble } from './helpers/pebble.js';
+import { startPebble, type Pebble } from './helpers/pebble.js';
 
 let pebble: Pebble;
 let listeners: ChallengeListeners;
@@ -23,11 +23,11 @@ const tlsAlpn = new TlsAlpnResponder();
 const issuers: AcmeIssuer[] = [];
 
 before(async () => {
-  const [httpPort, tlsPort] = [await freePort(), await freePort()];
+  listeners = await startChallengeListeners(0, 0, http01, tlsAlpn);
+  const { httpPort, tlsPort } = listeners;
   folder = await mkdtemp(join(tmpdir(), 'gatehouse-acme-issuance-'));
   // One-hour certificates: a renew window of 0.9999 makes a fresh one due within a second.
   pebble = await startPebble({ httpPort, tlsPort, certificateValidityPeriod: 3600 });
-  listeners = await startChallengeListeners(httpPort, tlsPort, http01, tlsAlpn);
 });
 
 after(async () => {

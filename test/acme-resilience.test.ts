@@ -19,7 +19,7 @@ import { parseRetryAfter } from '../src/acme/transport.js';
 import type { Certificate } from '../src/tls/source.js';
 import { FileStorage } from '../src/tls/storage.js';
 import { captureLogger, selfSigned, startChallengeListeners, verifyServes, type ChallengeListeners } from './helpers/acme.js';
-import { freePort, startPebble, type Pebble } from './helpers/pebble.js';
+import { startPebble, type Pebble } from './helpers/pebble.js';
 
 let pebble: Pebble;
 let listeners: ChallengeListeners;
@@ -30,10 +30,10 @@ const issuers: AcmeIssuer[] = [];
 const servers: HttpsServer[] = [];
 
 before(async () => {
-  const [httpPort, tlsPort] = [await freePort(), await freePort()];
+  listeners = await startChallengeListeners(0, 0, http01, tlsAlpn);
+  const { httpPort, tlsPort } = listeners;
   folder = await mkdtemp(join(tmpdir(), 'gatehouse-acme-resilience-'));
   pebble = await startPebble({ httpPort, tlsPort, env: { PEBBLE_WFE_NONCEREJECT: '50' } });
-  listeners = await startChallengeListeners(httpPort, tlsPort, http01, tlsAlpn);
 });
 
 after(async () => {

@@ -13,7 +13,6 @@ import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import acme from 'acme-client';
 import { TlsAlpnResponder, Http01Responder } from '../src/acme/challenges.js';
 import { parseClientHello } from '../src/acme/client-hello.js';
-import { freePort } from './helpers/pebble.js';
 import { startChallengeListeners, type ChallengeListeners } from './helpers/acme.js';
 
 /** The raw ClientHello Node sends for these options (captured by a TCP server that never answers). */
@@ -76,8 +75,8 @@ describe('TLS-ALPN-01 responder', () => {
   const keyAuthorization = 'token-abc.thumbprint-xyz';
 
   before(async () => {
-    port = await freePort();
-    listeners = await startChallengeListeners(await freePort(), port, new Http01Responder(), tlsAlpn);
+    listeners = await startChallengeListeners(0, 0, new Http01Responder(), tlsAlpn);
+    port = listeners.tlsPort;
   });
   after(async () => {
     await listeners?.close();

@@ -8,7 +8,7 @@ import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
-import { createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net';
+import { createServer as createNetServer, type AddressInfo, type Server as NetServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect, createServer as createTlsServer, type Server as TlsServer } from 'node:tls';
@@ -38,13 +38,18 @@ export interface ChallengeListeners {
   http01Answers: number;
   /** Connections the TLS pass-through server (not the ALPN responder) completed a handshake on. */
   passedThrough: number;
+  /** The ports listened on (the ones asked for, or the kernel's choice for 0). */
+  readonly httpPort: number;
+  readonly tlsPort: number;
   close(): Promise<void>;
 }
 
 /**
  * Plain HTTP on `httpPort` answering from `http01` (404 otherwise), and on `tlsPort` a TCP server
  * that gives each connection to `tlsAlpn.handleConnection`, passing the others to a TLS server
- * with a self-signed certificate (like the HTTPS listener would). Both on 127.0.0.1.
+ * with a self-signed certificate (like the HTTPS listener would). Both on 127.0.0.1. Pass 0 for
+ * either port and start Pebble with the ports the listeners got: a port picked free earlier may be
+ * taken by any outgoing connection before it is listened on.
  */
 export async function startChallengeListeners(httpPort: number, tlsPort: number, http01: Http01Responder, tlsAlpn: TlsAlpnResponder): Promise<ChallengeListeners> {
   const state = { http01Answers: 0, passedThrough: 0 };
@@ -73,6 +78,8 @@ export async function startChallengeListeners(httpPort: number, tlsPort: number,
   raw.listen(tlsPort, '127.0.0.1');
   await Promise.all([once(http, 'listening'), once(raw, 'listening')]);
   return {
+    httpPort: (http.address() as AddressInfo).port,
+    tlsPort: (raw.address() as AddressInfo).port,
     get http01Answers() { return state.http01Answers; },
     get passedThrough() { return state.passedThrough; },
     async close() {
