@@ -535,10 +535,10 @@ describe('header translation', () => {
     assert.deepEqual({ ...response }, { 'content-type': 'text/plain', 'set-cookie': ['a=1', 'b=2'], via: '1.1 gatehouse', 'x-request-id': 'rid' });
   });
 
-  test('undici and net errors map to 502/504 codes', () => {
+  test('pool and net errors map to 502/504 codes', () => {
     assert.equal(classifyUpstreamError(Object.assign(new Error('x'), { code: 'ECONNREFUSED' })).status, 502);
-    assert.equal(classifyUpstreamError(Object.assign(new Error('x'), { code: 'UND_ERR_CONNECT_TIMEOUT' })).status, 504);
-    assert.equal(classifyUpstreamError(Object.assign(new Error('x'), { code: 'UND_ERR_HEADERS_TIMEOUT' })).status, 504);
+    assert.equal(classifyUpstreamError(Object.assign(new Error('x'), { code: 'GH_UPSTREAM_CONNECT_TIMEOUT' })).status, 504);
+    assert.equal(classifyUpstreamError(Object.assign(new Error('x'), { code: 'GH_UPSTREAM_HEADERS_TIMEOUT' })).status, 504);
     assert.equal(classifyUpstreamError(new AggregateError([Object.assign(new Error('x'), { code: 'ECONNREFUSED' })])).code, 'GH_UPSTREAM_REFUSED');
     assert.equal(classifyUpstreamError(new Error('?')).status, 502);
   });

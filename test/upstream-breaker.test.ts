@@ -188,10 +188,10 @@ describe('failureKind', () => {
   it('classifies by error code and ignores client aborts', () => {
     const coded = (code: string) => Object.assign(new Error('x'), { code });
     assert.equal(failureKind(coded('ECONNREFUSED')), 'connect');
-    assert.equal(failureKind(coded('UND_ERR_CONNECT_TIMEOUT')), 'connect');
-    assert.equal(failureKind(coded('UND_ERR_SOCKET')), 'reset');
-    assert.equal(failureKind(coded('UND_ERR_HEADERS_TIMEOUT')), 'timeout');
-    assert.equal(failureKind(coded('UND_ERR_ABORTED')), undefined);
+    assert.equal(failureKind(coded('GH_UPSTREAM_CONNECT_TIMEOUT')), 'connect');
+    assert.equal(failureKind(coded('GH_UPSTREAM_RESET')), 'reset');
+    assert.equal(failureKind(coded('GH_UPSTREAM_HEADERS_TIMEOUT')), 'timeout');
+    assert.equal(failureKind(coded('GH_UPSTREAM_ABORTED')), undefined);
     assert.equal(failureKind(new TypeError('fetch failed', { cause: coded('ECONNRESET') })), 'reset');
     assert.equal(failureKind(new Error('no code')), 'other');
   });

@@ -38,7 +38,8 @@ export const FAILURES = Object.freeze({
 });
 
 /**
- * Classifies an error from undici (`UND_ERR_*` codes) or from `net`/`tls` (`ECONNREFUSED`, ...).
+ * Classifies an error of the upstream pool (`GH_UPSTREAM_*` codes, `upstream/http1-pool.ts`) or of
+ * `net`/`tls` (`ECONNREFUSED`, ...).
  * Connect and response-header timeouts give 504 (RFC 9110 §15.6.5), every other upstream failure
  * 502 (RFC 9110 §15.6.3).
  */
@@ -52,24 +53,21 @@ export function classifyUpstreamError(error: unknown): ProxyFailure {
       return FAILURES.refused;
     case 'ECONNRESET':
     case 'EPIPE':
-    case 'UND_ERR_SOCKET':
-    case 'UND_ERR_CLOSED':
-    case 'UND_ERR_DESTROYED':
+    case 'GH_UPSTREAM_RESET':
+    case 'GH_UPSTREAM_CLOSED':
       return FAILURES.reset;
     case 'ENOTFOUND':
     case 'EAI_AGAIN':
     case 'EAI_NONAME':
       return FAILURES.dns;
-    case 'UND_ERR_CONNECT_TIMEOUT':
+    case 'GH_UPSTREAM_CONNECT_TIMEOUT':
     case 'ETIMEDOUT':
       return FAILURES.connectTimeout;
-    case 'UND_ERR_HEADERS_TIMEOUT':
+    case 'GH_UPSTREAM_HEADERS_TIMEOUT':
       return FAILURES.headersTimeout;
-    case 'UND_ERR_BODY_TIMEOUT':
+    case 'GH_UPSTREAM_BODY_TIMEOUT':
       return FAILURES.bodyTimeout;
-    case 'UND_ERR_HEADERS_OVERFLOW':
-    case 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH':
-    case 'HPE_INVALID_CONSTANT':
+    case 'GH_UPSTREAM_BAD_RESPONSE':
       return FAILURES.badResponse;
     case 'GH_BODY_TOO_LARGE':
       return FAILURES.bodyTooLarge;

@@ -1,19 +1,18 @@
 /**
  * The proxy hot path: relays one client request (HTTP/1.x; HTTP/2 through Node's compat API or, without
  * a body, straight from its stream: `proxy/http2-stream.ts`) to one upstream over
- * its undici pool and relays the answer back, streaming both bodies with backpressure.
+ * its connection pool (`upstream/http1-pool.ts`) and relays the answer back, streaming both bodies
+ * with backpressure.
  *
- * One `ProxyExchange` object per request is both undici's dispatch handler (the legacy
- * onConnect/onHeaders/onData/onComplete/onError interface, which undici's HTTP/1.1 client calls
- * directly with raw header buffers — the controller-style interface goes through an adapter that
- * parses headers into objects) and the outcome handed to the access log. Client-side events reach
+ * One `ProxyExchange` object per request is both the pool's handler (onConnect, onHeaders, onData,
+ * onComplete, onError, onBodySent) and the outcome handed to the access log. Client-side events reach
  * it through module-level functions and a symbol on the response, so no closure is allocated per
  * request.
  *
  * Retries (when the target carries the route's `UpstreamGroup`): an attempt that fails before any
  * response byte arrived is reported to the upstream's circuit breaker, `upstream/retry.ts` decides
  * whether the request may be sent again, and if so the same exchange is dispatched to another
- * upstream (chosen with the tried ones excluded). What decides: whether undici called `onConnect`
+ * upstream (chosen with the tried ones excluded). What decides: whether the pool called `onConnect`
  * (the request head is about to be written, so "bytes were sent") and how many body bytes
  * `onBodySent` saw. A request with a body is sent again only when it never reached a connection
  * (the body stream is untouched); bodies are not buffered for replay, so a PUT with a body that hit
@@ -23,10 +22,10 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { constants as http2Constants, sensitiveHeaders as http2SensitiveHeaders, type Http2ServerRequest, type Http2ServerResponse, type ServerHttp2Stream } from 'node:http2';
 import { Readable } from 'node:stream';
-import type { Dispatcher } from 'undici';
 import type { TimeoutsConfig } from '../config/schema.js';
 import type { SelectionContext } from '../upstream/balancer.js';
 import type { UpstreamGroup } from '../upstream/group.js';
+import type { UpstreamCall, UpstreamHandler, UpstreamRequestOptions } from '../upstream/http1-pool.js';
 import type { Upstream } from '../upstream/pool.js';
 import { retryVerdict, type RetryVerdict } from '../upstream/retry.js';
 import { classifyUpstreamError, errorBody, FAILURES, ProxyAbortError, type ProxyFailure } from './errors.js';
@@ -133,7 +132,7 @@ export interface ExchangeOutcome {
  * - Headers: see `proxy/headers.ts` (hop-by-hop removal, `X-Forwarded-*`, `Via`, `X-Request-Id`).
  * - Bodies stream both ways with backpressure; nothing is buffered. Upstream trailers reach the
  *   client (HTTP/1.1 chunked trailers, HTTP/2 trailing HEADERS); `TE: trailers` goes upstream when
- *   the client sent it. Request trailers are not forwarded (undici cannot send them).
+ *   the client sent it. Request trailers are not forwarded.
  * - `maxBody`: 413 before contacting the upstream when `Content-Length` exceeds it; a body without
  *   a length is counted and the exchange aborted with 413 (if no response header was sent yet).
  * - Failures before the response header: 502 (refused, reset, DNS, TLS, invalid response), 504
@@ -196,8 +195,8 @@ interface ExchangeCarrier {
   [kExchange]?: ProxyExchange;
 }
 
-/** One request's life; undici's dispatch handler (legacy interface) and the `ForwardOutcome`. */
-class ProxyExchange implements ForwardOutcome {
+/** One request's life; the upstream pool's handler and the `ForwardOutcome`. */
+class ProxyExchange implements ForwardOutcome, UpstreamHandler {
   status = 0;
   bytesIn = 0;
   bytesOut = 0;
@@ -220,8 +219,8 @@ class ProxyExchange implements ForwardOutcome {
    */
   private direct: ServerHttp2Stream | null = null;
   private readonly maxBody: number;
-  private abortUpstream: ((error?: Error) => void) | null = null;
-  private resumeUpstream: (() => void) | null = null;
+  /** The current attempt's upstream request, once the pool called onConnect. */
+  private call: UpstreamCall | null = null;
   private headersSent = false;
   /** The upstream side is over (onComplete or onError ran, or it was never dispatched). */
   private finished = false;
@@ -231,11 +230,11 @@ class ProxyExchange implements ForwardOutcome {
   /** The upstream of the current attempt. */
   private current: Upstream;
   /** The dispatch options, kept for a retry. */
-  private options: Dispatcher.DispatchOptions | null = null;
+  private options: UpstreamRequestOptions | null = null;
   private body: Readable | null = null;
-  /** undici called onConnect for the current attempt: the request head is being written. */
+  /** The pool called onConnect for the current attempt: the request head is being written. */
   private connected = false;
-  /** undici called onHeaders for the current attempt: response bytes arrived. */
+  /** The pool called onHeaders for the current attempt: response bytes arrived. */
   private responded = false;
   /** Attempts made, including the current one. */
   private attempts = 1;
@@ -281,8 +280,8 @@ class ProxyExchange implements ForwardOutcome {
 
     let body: Readable | null = null;
     if (this.http2) {
-      // An Http2ServerRequest must not be handed to undici: undici destroys its body stream when
-      // done, which would reset the HTTP/2 stream before the response is sent.
+      // The body of an Http2ServerRequest goes through its own stream (RequestBody), which reads
+      // and drops the rest of it when the upstream request ends early.
       const stream = (req as Http2Request).stream;
       if (facts.contentLength !== 0 && !stream.endAfterHeaders && !req.readableEnded) body = new RequestBody(req as Http2ServerRequest);
     } else if (facts.contentLength > 0 || facts.chunked) {
@@ -290,14 +289,14 @@ class ProxyExchange implements ForwardOutcome {
     }
 
     const timeouts = target.timeouts;
-    const options: Dispatcher.DispatchOptions = {
+    const options: UpstreamRequestOptions = {
       path: target.path,
-      method: req.method as Dispatcher.HttpMethod,
+      method: req.method!,
       headers,
       body,
+      headersTimeout: timeouts?.response_header,
+      bodyTimeout: timeouts?.body_idle,
     };
-    if (timeouts?.response_header !== undefined) options.headersTimeout = timeouts.response_header;
-    if (timeouts?.body_idle !== undefined) options.bodyTimeout = timeouts.body_idle;
     this.options = options;
     this.body = body;
     this.startedAt = performance.now();
@@ -308,34 +307,31 @@ class ProxyExchange implements ForwardOutcome {
   send(): void {
     this.attemptAt = performance.now();
     try {
-      // undici's types declare onBodySent(chunkSize); undici 7 calls it with the chunk itself.
-      this.current.pool.dispatch(this.options!, this as unknown as Dispatcher.DispatchHandler);
+      this.current.pool.dispatch(this.options!, this);
     } catch (error) {
       // dispatch reports through onError; this only guards against a throwing handler.
       this.onError(error as Error);
     }
   }
 
-  // ---- undici dispatch handler (legacy interface) ----
+  // ---- the upstream pool's handler ----
 
-  onConnect(abort: (error?: Error) => void): void {
-    this.abortUpstream = abort;
+  onConnect(call: UpstreamCall): void {
+    this.call = call;
     this.connected = true;
-    if (this.clientGone) abort(new ProxyAbortError(FAILURES.clientAborted));
+    if (this.clientGone) call.abort(new ProxyAbortError(FAILURES.clientAborted));
   }
 
   onBodySent(chunk: Buffer | string): void {
     this.bytesIn += chunk.length;
     if (this.maxBody > 0 && this.bytesIn > this.maxBody) {
       this.bodyTooLarge = true;
-      throw new ProxyAbortError(FAILURES.bodyTooLarge); // undici aborts the request: onError
+      throw new ProxyAbortError(FAILURES.bodyTooLarge); // the pool aborts the request: onError
     }
   }
 
-  onHeaders(statusCode: number, rawHeaders: Buffer[], resume: () => void, _statusText: string): boolean {
+  onHeaders(statusCode: number, rawHeaders: string[], _statusText: string): boolean {
     this.responded = true;
-    if (statusCode < 200) return true; // 1xx: Node answered 100-continue itself; others are dropped
-    this.resumeUpstream = resume;
     this.target.group?.reportResponse(this.current, statusCode, performance.now() - this.attemptAt);
     if (this.clientGone) return true;
     const headers = toClientResponseHeaders(rawHeaders, this.http2, this.requestId, statusCode);
@@ -348,7 +344,7 @@ class ProxyExchange implements ForwardOutcome {
         (this.res as ServerResponse).writeHead(statusCode, headers as string[]);
       }
     } catch {
-      this.abortUpstream?.(new ProxyAbortError(FAILURES.badResponse));
+      this.call?.abort(new ProxyAbortError(FAILURES.badResponse));
       return false;
     }
     this.headersSent = true;
@@ -368,12 +364,13 @@ class ProxyExchange implements ForwardOutcome {
       this.drainListening = true;
       this.events.on('drain', onClientDrain);
     }
-    return false; // undici pauses the upstream socket until resume()
+    return false; // the pool pauses the upstream socket until call.resume()
   }
 
   onComplete(trailers: string[] | Buffer[] | null): void {
     if (this.finished) return;
     this.finished = true;
+    this.releaseBody();
     if (this.direct !== null) {
       // A response with a Content-Length: no trailers (HTTP/1.1 sends them only after chunks).
       if (!this.clientGone && !this.direct.writableEnded) this.direct.end();
@@ -391,12 +388,6 @@ class ProxyExchange implements ForwardOutcome {
 
   onError(error: Error): void {
     if (this.finished) return;
-    // undici compares Content-Length with the body read even for 204 and 304, which have none
-    // (RFC 9110 §8.6 allows it on a 304): the answer the client got is complete.
-    if (this.headersSent && (this.status === 204 || this.status === 304) && (error as { code?: unknown }).code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH') {
-      this.onComplete(null);
-      return;
-    }
     const group = this.target.group;
     if (group !== undefined) {
       if (this.clientGone || this.bodyTooLarge) {
@@ -414,6 +405,7 @@ class ProxyExchange implements ForwardOutcome {
       }
     }
     this.finished = true;
+    this.releaseBody();
     const failure = this.bodyTooLarge ? FAILURES.bodyTooLarge : classifyUpstreamError(error);
     if (this.clientGone) {
       this.error = FAILURES.clientAborted.code;
@@ -435,18 +427,18 @@ class ProxyExchange implements ForwardOutcome {
     if (this.finished || this.clientGone) return;
     this.clientGone = true;
     if (!this.headersSent) this.status = FAILURES.clientAborted.status;
-    this.abortUpstream?.(new ProxyAbortError(FAILURES.clientAborted));
-    // Not yet connected: onConnect aborts as soon as undici calls it.
+    this.call?.abort(new ProxyAbortError(FAILURES.clientAborted));
+    // Not yet connected: onConnect aborts as soon as the pool calls it.
   }
 
   clientDrained(): void {
-    if (!this.finished && this.resumeUpstream !== null) this.resumeUpstream();
+    if (!this.finished) this.call?.resume();
   }
 
   /** May the failed attempt be made again? `upstream/retry.ts` decides from what was sent. */
   private retryVerdict(error: Error, group: UpstreamGroup): RetryVerdict {
     const body = this.body;
-    // A body undici started reading cannot be sent again (it is not buffered).
+    // A body the pool started reading cannot be sent again (it is not buffered).
     if (body !== null && (body.readableDidRead || body.destroyed)) return 'no_body_not_replayable';
     return retryVerdict({
       method: this.req.method ?? 'GET',
@@ -462,7 +454,7 @@ class ProxyExchange implements ForwardOutcome {
 
   /**
    * Move to another upstream (or the same one, on a single-upstream route) and dispatch again on
-   * the next tick — not from inside undici's error handling, which may still be failing the pool's
+   * the next tick — not from inside the pool's error handling, which may still be failing the pool's
    * queue.
    * @returns true when an attempt was scheduled; false when no upstream can be chosen.
    */
@@ -487,8 +479,7 @@ class ProxyExchange implements ForwardOutcome {
     this.attempts++;
     this.connected = false;
     this.bytesIn = 0;
-    this.abortUpstream = null;
-    this.resumeUpstream = null;
+    this.call = null;
     process.nextTick(sendAgain, this);
     return true;
   }
@@ -501,6 +492,16 @@ class ProxyExchange implements ForwardOutcome {
   /** True once the client went away (checked before a retry is dispatched). */
   isClientGone(): boolean {
     return this.clientGone;
+  }
+
+  /**
+   * The upstream request is over: an HTTP/2 request body it did not read to the end is read and
+   * dropped (`RequestBody`), so flow control never stalls the connection. Node's HTTP/1.x server
+   * discards an unread request body itself once the response ends.
+   */
+  private releaseBody(): void {
+    const body = this.body;
+    if (body instanceof RequestBody && !body.destroyed && !body.readableEnded) body.destroy();
   }
 
   /** Fails before dispatching (e.g. 413 on Content-Length). */
@@ -640,13 +641,16 @@ interface BodyCarrier {
 
 /**
  * The body of an HTTP/2 request as its own stream: backpressure goes through (the source is paused
- * when the upstream socket is full), but undici destroying it (done or aborted) does not reset the
- * client's stream. After an abort the rest of the client's body is read and dropped, so HTTP/2 flow
- * control never stalls the connection.
+ * when the upstream socket is full), but destroying it (the proxy does when the upstream request
+ * ended before reading it all) does not reset the client's stream: the rest of the client's body is
+ * read and dropped, so HTTP/2 flow control never stalls the connection.
  */
 class RequestBody extends Readable {
   constructor(private readonly source: Http2ServerRequest) {
     super();
+    // Its errors reach the upstream pool while it sends the body; once it stopped (the upstream
+    // request ended), a client reset still destroys it with an error nobody needs to hear.
+    this.on('error', ignoreError);
     (source as BodyCarrier)[kBody] = this;
     source.on('data', onSourceData);
     source.on('end', onSourceEnd);
@@ -685,3 +689,5 @@ function onSourceClose(this: BodyCarrier & Readable): void {
   const body = this[kBody];
   if (body !== undefined && !body.destroyed && !this.readableEnded) body.destroy(new ProxyAbortError(FAILURES.clientAborted));
 }
+
+function ignoreError(): void {}

@@ -299,15 +299,20 @@ export class BreakerGroup<U extends BreakerTarget & { readonly origin: string }>
 
 /**
  * Classify an upstream error for {@link CircuitBreaker.recordFailure} by its code.
- * @returns the failure kind, or undefined when the error is not the upstream's fault (the client
- *   aborted: `UND_ERR_ABORTED`, `ABORT_ERR`) and must not count against it.
+ * @returns the failure kind, or undefined when the error is not the upstream's fault (an aborted
+ *   request: `GH_UPSTREAM_ABORTED`, `ABORT_ERR`; a request body that broke its framing or ended
+ *   early; an invalid request target) and must not count against it.
  */
 export function failureKind(error: unknown): FailureKind | undefined {
   const code = errorCode(error);
   if (code === undefined) return 'other';
-  if (code === 'UND_ERR_ABORTED' || code === 'ABORT_ERR' || code === 'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH') return undefined;
+  switch (code) {
+    case 'GH_UPSTREAM_ABORTED': case 'ABORT_ERR': case 'GH_REQUEST_BODY_LENGTH': case 'GH_REQUEST_BODY_ABORTED':
+    case 'GH_UPSTREAM_BAD_REQUEST':
+      return undefined;
+  }
   if (isConnectFailure(code)) return 'connect';
   if (isConnectionReset(code)) return 'reset';
-  if (code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT') return 'timeout';
+  if (code === 'GH_UPSTREAM_HEADERS_TIMEOUT' || code === 'GH_UPSTREAM_BODY_TIMEOUT') return 'timeout';
   return 'other';
 }

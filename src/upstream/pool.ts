@@ -1,11 +1,11 @@
 /**
  * Upstream state: one `Upstream` per upstream origin of a route, holding the keep-alive connection
- * pool (undici `Pool`) and the counters the balancer and the health checks read.
+ * pool (`upstream/http1-pool.ts`) and the counters the balancer and the health checks read.
  *
  * The proxy (`proxy/forward.ts`) dispatches on `upstream.pool` and keeps `inFlight` up to date;
  * `upstream/balancer.ts` and `upstream/health.ts` read `inFlight`/`weight` and write `available`.
  */
-import { Pool } from 'undici';
+import { UpstreamPool } from './http1-pool.js';
 import type { TimeoutsConfig } from '../config/schema.js';
 
 /** The timeouts an upstream pool uses, all in milliseconds (the route's `timeouts`). */
@@ -25,7 +25,7 @@ export interface UpstreamOptions {
   readonly weight?: number;
   /** Route timeouts (ms). Default `DEFAULT_UPSTREAM_TIMEOUTS`. */
   readonly timeouts?: UpstreamTimeouts;
-  /** Most connections kept to this upstream; `undefined` = no limit (undici default). */
+  /** Most connections kept to this upstream; `undefined` = no limit. */
   readonly connections?: number;
   /** TLS options for `https://` upstreams (e.g. `{ ca }` or `{ rejectUnauthorized: false }`). */
   readonly tls?: { readonly ca?: string | Buffer; readonly rejectUnauthorized?: boolean; readonly servername?: string };
@@ -46,12 +46,18 @@ export class Upstream {
   /** Relative weight (>= 1). */
   readonly weight: number;
   /**
-   * The undici connection pool; dispatch requests on it with `pool.dispatch(options, handler)`.
-   * Built on first use: a config with 10 000 routes builds none at start-up (~17 µs each), and
-   * routes never requested never build one.
+   * The connection pool; dispatch requests on it with `pool.dispatch(options, handler)`.
+   * Built on first use: routes never requested never build one.
    */
-  get pool(): Pool {
-    this.#pool ??= new Pool(this.origin, this.#poolOptions);
+  get pool(): UpstreamPool {
+    this.#pool ??= new UpstreamPool(this.hostname, this.port, {
+      connections: this.#connections,
+      connectTimeout: this.timeouts.connect,
+      headersTimeout: this.timeouts.response_header,
+      bodyTimeout: this.timeouts.body_idle,
+      keepAliveTimeout: this.timeouts.keepalive,
+      tls: this.secure ? { ...this.tls } : null,
+    }, new URL(this.origin).host);
     return this.#pool;
   }
   /** The timeouts the pool was built with (ms). */
@@ -67,8 +73,8 @@ export class Upstream {
   inFlight = 0;
   /** False when health checks or the circuit breaker took this upstream out of rotation. */
   available = true;
-  #pool: Pool | undefined;
-  readonly #poolOptions: Pool.Options;
+  #pool: UpstreamPool | undefined;
+  readonly #connections: number | null;
 
   /**
    * @param origin upstream origin URL (`http:` or `https:`, no path).
@@ -87,16 +93,7 @@ export class Upstream {
     this.weight = options.weight ?? 1;
     this.timeouts = options.timeouts ?? DEFAULT_UPSTREAM_TIMEOUTS;
     this.tls = options.tls;
-    const t = this.timeouts;
-    this.#poolOptions = {
-      pipelining: 1,
-      connections: options.connections ?? null,
-      keepAliveTimeout: t.keepalive,
-      keepAliveMaxTimeout: t.keepalive,
-      headersTimeout: t.response_header,
-      bodyTimeout: t.body_idle,
-      connect: { timeout: t.connect, ...(options.tls ?? {}) },
-    };
+    this.#connections = options.connections ?? null;
   }
 
   /** Finishes queued and running requests, then closes every connection. */

@@ -8,7 +8,7 @@
  * 1. A connection failure before any byte of the request was written (refused, unreachable,
  *    connect timeout, DNS) is retried for ANY method: the upstream never saw the request.
  * 2. A stale keep-alive connection (the upstream closed an idle pooled socket just as we wrote on
- *    it: `ECONNRESET`, `EPIPE`, `UND_ERR_SOCKET`) with no response byte received is retried for
+ *    it: `ECONNRESET`, `EPIPE`, `GH_UPSTREAM_RESET`) with no response byte received is retried for
  *    idempotent methods whose body can be sent again. This is the "keep-alive race".
  * 3. Any other retryable error after bytes were sent (reset, timeout waiting for headers) is
  *    retried only for idempotent methods (RFC 9110 §9.2.2) with no body or a replayable one.
@@ -110,7 +110,7 @@ export function retryVerdict(input: RetryInput, budget: RetryBudget): RetryVerdi
 /**
  * The error code of an upstream failure: `err.code`, else `err.cause.code`, else the code of the
  * first error of an `AggregateError` (Node's happy-eyeballs connect gives one per address).
- * @returns the code (`ECONNREFUSED`, `UND_ERR_SOCKET`, …) or undefined.
+ * @returns the code (`ECONNREFUSED`, `GH_UPSTREAM_RESET`, …) or undefined.
  */
 export function errorCode(error: unknown): string | undefined {
   if (typeof error !== 'object' || error === null) return undefined;
@@ -128,14 +128,14 @@ export function errorCode(error: unknown): string | undefined {
 
 /**
  * Codes meaning the connection to the upstream could not be made, so nothing was sent:
- * refused, unreachable, DNS failure, connect timeout (undici `UND_ERR_CONNECT_TIMEOUT`, the
+ * refused, unreachable, DNS failure, connect timeout (the pool's `GH_UPSTREAM_CONNECT_TIMEOUT`, the
  * kernel's `ETIMEDOUT`), and no free local port.
  */
 export function isConnectFailure(code: string): boolean {
   switch (code) {
     case 'ECONNREFUSED': case 'EHOSTUNREACH': case 'ENETUNREACH': case 'EHOSTDOWN': case 'ENETDOWN':
     case 'ENOTFOUND': case 'EAI_AGAIN': case 'ETIMEDOUT': case 'EADDRNOTAVAIL':
-    case 'UND_ERR_CONNECT_TIMEOUT':
+    case 'GH_UPSTREAM_CONNECT_TIMEOUT':
       return true;
     default:
       return false;
@@ -143,20 +143,20 @@ export function isConnectFailure(code: string): boolean {
 }
 
 /**
- * Codes meaning an established connection died under us: reset, broken pipe, or undici's
- * `UND_ERR_SOCKET` ("other side closed"). On a reused keep-alive socket this is the race where the
+ * Codes meaning an established connection died under us: reset, broken pipe, or the pool's
+ * `GH_UPSTREAM_RESET` (the upstream closed it mid-exchange). On a reused keep-alive socket this is the race where the
  * upstream closed it while idle.
  */
 export function isConnectionReset(code: string): boolean {
   switch (code) {
-    case 'ECONNRESET': case 'EPIPE': case 'ECONNABORTED': case 'UND_ERR_SOCKET':
+    case 'ECONNRESET': case 'EPIPE': case 'ECONNABORTED': case 'GH_UPSTREAM_RESET':
       return true;
     default:
       return false;
   }
 }
 
-/** undici's `UND_ERR_HEADERS_TIMEOUT`: the request was sent, no response head came in time. */
+/** The pool's `GH_UPSTREAM_HEADERS_TIMEOUT`: the request was sent, no response head came in time. */
 function isTimeoutBeforeResponse(code: string): boolean {
-  return code === 'UND_ERR_HEADERS_TIMEOUT';
+  return code === 'GH_UPSTREAM_HEADERS_TIMEOUT';
 }
