@@ -250,12 +250,12 @@ export class ResponseParser {
     while (lineEnd >= 0) {
       const lineStart = lineEnd + 2;
       lineEnd = text.indexOf('\r\n', lineStart);
-      const line = lineEnd < 0 ? text.slice(lineStart) : text.slice(lineStart, lineEnd);
-      const colon = line.indexOf(':');
-      if (colon <= 0) throw new ResponseParseError('malformed field line');
-      const name = line.slice(0, colon);
+      const stop = lineEnd < 0 ? text.length : lineEnd;
+      const colon = text.indexOf(':', lineStart);
+      if (colon <= lineStart || colon >= stop) throw new ResponseParseError('malformed field line');
+      const name = text.slice(lineStart, colon);
       if (!TOKEN.test(name)) throw new ResponseParseError('invalid field name');
-      const value = trimOws(line, colon + 1);
+      const value = trimOws(text, colon + 1, stop);
       headers.push(name, value);
       switch (name.length) {
         case 10:
@@ -387,10 +387,10 @@ function hexValue(byte: number): number {
   return -1;
 }
 
-/** The value after `from`, without leading and trailing spaces and tabs (OWS, RFC 9110 §5.6.3). */
-function trimOws(line: string, from: number): string {
+/** `line` from `from` to `to`, without leading and trailing spaces and tabs (OWS, RFC 9110 §5.6.3). */
+function trimOws(line: string, from: number, to = line.length): string {
   let start = from;
-  let end = line.length;
+  let end = to;
   while (start < end && (line.charCodeAt(start) === 0x20 || line.charCodeAt(start) === 0x09)) start++;
   while (end > start && (line.charCodeAt(end - 1) === 0x20 || line.charCodeAt(end - 1) === 0x09)) end--;
   return start === 0 && end === line.length ? line : line.slice(start, end);
@@ -418,6 +418,7 @@ function lastCoding(value: string): string {
 /** Does a lower-cased comma list contain `token`? */
 function hasToken(list: string, token: string): boolean {
   if (list === token) return true;
+  if (!list.includes(token)) return false;
   for (const part of list.split(',')) if (trimOws(part, 0) === token) return true;
   return false;
 }
