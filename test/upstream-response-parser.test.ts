@@ -97,7 +97,7 @@ describe('body framing', () => {
   it('reads a body without a length up to the end of the connection', () => {
     const { parser, events } = run([withFields('Server: x') + 'part one, ', 'part two']);
     assert.deepEqual(events, [head(200, ['Server', 'x'], 'OK'), data('part one, part two')]);
-    assert.equal(parser.untilClose, true);
+    assert.equal(parser.bodyLeft, Infinity);
     assert.equal(parser.headDone, true);
     parser.finish();
     assert.deepEqual(events.at(-1), end());

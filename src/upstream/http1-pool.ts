@@ -350,7 +350,11 @@ export class UpstreamConnection implements ResponseSink {
     const tlsOptions = pool.options.tls;
     let socket: Socket;
     if (tlsOptions === null) {
-      socket = net.connect({ host: pool.hostname, port: pool.port, noDelay: true, keepAlive: true, keepAliveInitialDelay: 60_000 });
+      socket = net.connect({
+        host: pool.hostname, port: pool.port, noDelay: true, keepAlive: true, keepAliveInitialDelay: 60_000,
+        // Node calls `buffer` without a receiver: one closure per connection (not per request).
+        onread: { buffer: () => this.readBuffer(), callback: onSocketRead },
+      });
       socket.once('connect', onSocketConnect);
     } else {
       socket = tls.connect({
@@ -369,7 +373,7 @@ export class UpstreamConnection implements ResponseSink {
     }
     this.socket = socket;
     (socket as ConnectionCarrier)[kConnection] = this;
-    socket.on('data', onSocketData);
+    if (tlsOptions !== null) socket.on('data', onSocketData); // plain sockets read through `onread`
     socket.on('end', onSocketEnd);
     socket.on('error', onSocketError);
     socket.on('close', onSocketClose);
@@ -511,6 +515,31 @@ export class UpstreamConnection implements ResponseSink {
   }
 
   // ---- response ----
+
+  /**
+   * A read of a plain socket (its `onread` callback), into `buffer`: the shared buffer is read into
+   * again by the next read of any connection, so what it holds is copied out; a buffer of this
+   * connection's own is handed on as it is.
+   * @returns false to stop reading (the handler paused the response).
+   */
+  readInto(nread: number, buffer: Buffer): boolean {
+    let data: Buffer;
+    if (buffer === sharedReadBuffer) {
+      data = Buffer.allocUnsafe(nread);
+      buffer.copy(data, 0, 0, nread);
+    } else {
+      data = buffer.subarray(0, nread);
+    }
+    this.received(data);
+    return this.phase !== Phase.Paused;
+  }
+
+  /** The buffer for this connection's next read (see {@link onSocketRead}). */
+  readBuffer(): Buffer {
+    const left = this.phase === Phase.Body ? this.parser.bodyLeft : 0;
+    if (left < LARGE_READ) return sharedReadBuffer;
+    return Buffer.allocUnsafeSlow(left === Infinity ? LARGE_READ : Math.min(left, MAX_READ));
+  }
 
   /** Bytes from the upstream. */
   received(data: Buffer): void {
@@ -690,6 +719,27 @@ function onSocketConnect(this: Socket): void {
 function onSocketData(this: Socket, data: Buffer): void {
   carried(this)?.received(data);
 }
+
+/**
+ * Plain upstream sockets read through `onread` (no `Readable` buffering, no 'data' event), into
+ * the buffer `UpstreamConnection.readBuffer` gives before each read: while a large body is known
+ * to follow, a new buffer of the connection's own (up to MAX_READ, handed on without a copy);
+ * otherwise one buffer shared by every connection, whose bytes are copied out at once. Reads are
+ * synchronous with their callback on the one event-loop thread, so no two connections ever fill
+ * the shared buffer at the same time, and an idle connection holds no buffer of its own (Node's
+ * own read path allocates 64 KiB per read and shrinks it with a copy).
+ */
+function onSocketRead(this: Socket, nread: number, buffer: Buffer): boolean {
+  const connection = carried(this);
+  return connection === undefined ? false : connection.readInto(nread, buffer);
+}
+
+/** The shared read buffer: headers and small bodies (bytes). */
+const sharedReadBuffer = Buffer.allocUnsafeSlow(16 * 1024);
+/** A body with at least this much to come is read into a buffer of its own (bytes). */
+const LARGE_READ = 64 * 1024;
+/** Largest read (bytes). */
+const MAX_READ = 256 * 1024;
 
 function onSocketEnd(this: Socket): void {
   carried(this)?.ended();

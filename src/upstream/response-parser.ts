@@ -115,9 +115,20 @@ export class ResponseParser {
     return this.state !== State.Done;
   }
 
-  /** True when the body runs to the end of the connection (it must not be reused). */
-  get untilClose(): boolean {
-    return this.state === State.UntilClose;
+  /**
+   * Body bytes known to follow: the rest of a Content-Length body or of the current chunk;
+   * `Infinity` for a body that runs to the end of the connection; 0 otherwise (head, sizes, done).
+   */
+  get bodyLeft(): number {
+    switch (this.state) {
+      case State.Length:
+      case State.ChunkData:
+        return this.remaining;
+      case State.UntilClose:
+        return Infinity;
+      default:
+        return 0;
+    }
   }
 
   /** True once the head of the current response was reported. */
