@@ -157,7 +157,7 @@ export type RetriesConfig = z.output<typeof retries>;
 const timeouts = z.strictObject({
   /** TCP (and TLS) connect to an upstream (ms). Default `5s`; exceeded gives 504 (or a retry). */
   connect: duration.default(5_000),
-  /** Wait for the upstream's response headers after the request was sent (ms). Default `60s`; 504. */
+  /** Wait for the upstream's response headers once the request, body included, was sent (ms; as Go's `ResponseHeaderTimeout`). Default `60s`; 504. */
   response_header: duration.default(60_000),
   /** Longest gap between two body chunks from the upstream (ms). Default `60s`; the response is aborted. */
   body_idle: duration.default(60_000),

@@ -16,7 +16,7 @@
 /**
  * Hop-by-hop header fields (lowercase), removed by every intermediary (RFC 9110 §7.6.1; RFC 9112
  * §6.1 for Transfer-Encoding). `Proxy-Connection` is the non-standard field some clients still send;
- * `Trailer` is removed because Gatehouse re-frames the body (and undici cannot send request
+ * `Trailer` is removed because Gatehouse re-frames the body (and the upstream pool sends no request
  * trailers, so announcing them upstream would be false). HTTP/2 forbids all of these except `te:
  * trailers` (RFC 9113 §8.2.2). Upgrade code keeps `connection`/`upgrade` itself.
  */
@@ -39,7 +39,7 @@ export function isHopByHopHeader(lowercaseName: string): boolean {
 
 /** RFC 9110 §5.6.2 token: a valid field name. */
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
-/** Characters Node (and undici) reject in a field value: controls other than HTAB, and DEL. */
+/** Characters Node rejects in a field value: controls other than HTAB, and DEL. */
 const INVALID_VALUE_CHAR = /[^\t\x20-\x7e\x80-\xff]/;
 /** A Content-Length value (RFC 9110 §8.6), at most 15 digits so that it stays an exact number. */
 const DECIMAL = /^\d{1,15}$/;
@@ -98,7 +98,7 @@ export function newRequestHeadFacts(): RequestHeadFacts {
  * Translates the client's request header fields into the flat `[name, value, ...]` list sent upstream.
  *
  * Removes: hop-by-hop fields and those `Connection` names (RFC 9110 §7.6.1), pseudo-headers (RFC
- * 9113 §8.3), `Expect` (Node answers `100-continue` itself; undici does not support it),
+ * 9113 §8.3), `Expect` (Node answers `100-continue` itself),
  * `HTTP2-Settings`, and the client's `X-Forwarded-Proto`/`X-Forwarded-Host`. `TE` is sent as `te:
  * trailers` when the client's listed `trailers`. Adds: `host` from `:authority` for HTTP/2;
  * `x-forwarded-for` (the client's value with `, <clientIp>` appended), `x-forwarded-proto`,
@@ -115,7 +115,7 @@ export function newRequestHeadFacts(): RequestHeadFacts {
  * @param client client IP, protocol and an optional request id.
  * @param facts receives the host, request id, body framing and TE of the request.
  * @param upgrade keep `Connection: upgrade` and `Upgrade` (default false).
- * @returns the header list for undici's `headers` option or a raw HTTP/1.1 head.
+ * @returns the header list for the upstream pool (`upstream/http1-pool.ts`) or a raw HTTP/1.1 head.
  */
 export function toUpstreamRequestHeaders(
   rawHeaders: readonly string[],
@@ -253,7 +253,7 @@ function removeConnectionListed(list: string[], connectionTokens: string): void 
 export type ClientResponseHeaders = string[] | Record<string, string | string[]>;
 
 /**
- * Translates the upstream's raw response header fields (undici's `Buffer[]`, alternating names and
+ * Translates the upstream's raw response header fields (the pool's `string[]`, alternating names and
  * values) into what `res.writeHead` takes: a flat `[name, value, ...]` list for HTTP/1.x clients
  * (order and case kept) or an object with lowercase names for HTTP/2 clients (repeated fields as
  * arrays). Drops hop-by-hop fields and those named by `Connection` (RFC 9110 §7.6.1; for HTTP/2,
@@ -262,7 +262,7 @@ export type ClientResponseHeaders = string[] | Record<string, string | string[]>
  * `x-request-id` when `requestId` is not `''`. Values are decoded as latin1, so obs-text bytes pass
  * through unchanged.
  *
- * @param raw undici's raw header list (`Buffer` or `string` items).
+ * @param raw the raw header list (`string` or latin1 `Buffer` items).
  * @param http2 true for an HTTP/2 client.
  * @param requestId the request id to return, or `''`.
  * @param status the response status; `Content-Length` is dropped for 1xx and 204. Default 200.
@@ -313,7 +313,7 @@ export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2
 }
 
 /**
- * Translates raw trailer fields (undici's `Buffer[]`) into an object for `res.addTrailers`, dropping
+ * Translates raw trailer fields (the pool's `string[]`) into an object for `res.addTrailers`, dropping
  * hop-by-hop, pseudo and invalid fields (RFC 9110 §6.5.1 — framing and routing fields are not
  * allowed in trailers). Names are lowercased.
  *

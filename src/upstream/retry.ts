@@ -32,7 +32,7 @@ export interface RetryInput {
   readonly startedAt: number;
   /** Now (ms). */
   readonly now: number;
-  /** The error the attempt failed with (undici or node:net error carrying a `code`). */
+  /** The error the attempt failed with (the upstream pool's or a node:net error, carrying a `code`). */
   readonly error: unknown;
   /** True when the request has no body, or its body is buffered and can be sent again. */
   readonly requestBodyReplayable: boolean;
