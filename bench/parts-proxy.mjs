@@ -1,11 +1,12 @@
-// The "parts" target of the benchmark: a reverse proxy built from the same parts as Gatehouse and
-// nothing else. Plain HTTP/1.1 on node:http, TLS on node:http2's createSecureServer (ALPN h2 and
+// The "parts" target of the benchmark: a reverse proxy built from Node's servers and undici's Pool
+// (the parts Gatehouse was built from until it got an upstream pool of its own) and nothing else.
+// Plain HTTP/1.1 on node:http, TLS on node:http2's createSecureServer (ALPN h2 and
 // http/1.1; as Gatehouse, HTTP/2 requests without a body are served from the 'stream' event and the
 // others through the compat 'request' API), upstream requests through an undici Pool's
 // dispatch() with a handler that writes straight to the client response, WebSocket upgrades piped
 // as raw sockets. No routing table, no X-Forwarded-*/Via/X-Request-Id, no access log, metrics,
 // deadlines, retries, health checks or limits. Its figures are what Node's servers plus undici
-// reach on this machine: the ceiling Gatehouse's own code is measured against (bench/README.md).
+// reach on this machine: what a Node proxy gets without Gatehouse's code (bench/README.md).
 // Not a product: it drops hop-by-hop fields and little else.
 // Usage: node bench/parts-proxy.mjs PLAIN_PORT TLS_PORT BACKEND_PORT WS_PORT CERT_FILE KEY_FILE
 import { readFileSync } from 'node:fs';
