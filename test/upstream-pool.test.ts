@@ -4,7 +4,7 @@
  * connections and record what they received, and raw `node:net` upstreams that write exact bytes.
  *
  * Covered: connection reuse and the `connections` limit, keep-alive expiry on either side, aborts
- * (and a stale handle's abort), response backpressure, request bodies and their framing, an early
+ * (and a stale handle's abort), response backpressure, response read buffers, request bodies and their framing, an early
  * answer to an upload, the connect/headers/body timeouts, refused connections, TLS (verification
  * and session resumption), close/destroy, and the request head.
  */
@@ -541,6 +541,43 @@ describe('UpstreamPool: aborts and backpressure', () => {
     assert.deepEqual(sent.seen.chunks.map(String), ['hello', 'world']);
     assert.deepEqual(sent.seen.calls, ['connect', 'headers', 'data', 'complete']); // consecutive data calls are recorded once
     pausedCalls[0]!.resume(); // a no-op once the request is over
+  });
+});
+
+describe('UpstreamPool: response reads', () => {
+  it('a large body trickled in small writes arrives whole, each chunk in a buffer at most twice its size', LIMIT, async (t) => {
+    const SIZE = 200 * 1024;
+    const PIECE = 2_000;
+    const source = Buffer.alloc(SIZE);
+    for (let i = 0; i < SIZE; i++) source[i] = (i * 7) & 0xff;
+    const timers = new Set<NodeJS.Timeout>();
+    defer(t, () => { for (const timer of timers) clearTimeout(timer); });
+    const upstream = await startRaw(t, (socket) => onRequestHeads(socket, () => {
+      socket.write(`HTTP/1.1 200 OK\r\nContent-Length: ${SIZE}\r\n\r\n`);
+      let at = 0;
+      const next = (): void => {
+        socket.write(source.subarray(at, at + PIECE));
+        at += PIECE;
+        if (at < SIZE) {
+          const timer = setTimeout(() => { timers.delete(timer); next(); }, 1);
+          timers.add(timer);
+        }
+      };
+      next();
+    }));
+    const pool = makePool(t, upstream.port);
+    // Each chunk handed on may wait in a slow client's queue: the memory it holds (its buffer,
+    // or the 8 KiB pool Node takes small buffers from) stays within twice its own size.
+    const held: string[] = [];
+    const outcome = await request(pool, {}, {
+      onData(_call, chunk) {
+        if (chunk.buffer.byteLength > Math.max(2 * chunk.length, 8192)) held.push(`${chunk.length} in ${chunk.buffer.byteLength}`);
+      },
+    });
+    assertOk(outcome);
+    assert.ok(outcome.chunks.length > 10, `the body came in ${outcome.chunks.length} reads: not trickled`);
+    assert.ok(outcome.body.equals(source), 'the body arrives whole and in order');
+    assert.deepEqual(held, [], 'chunks holding buffers over twice their size');
   });
 });
 

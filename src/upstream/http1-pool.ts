@@ -64,7 +64,7 @@ export interface UpstreamHandler {
   /**
    * A body chunk (a view, valid during the call).
    * @returns false to stop reading from the upstream until `call.resume()`; what the read in hand
-   *   still holds (at most one socket read, 64 KiB) is delivered, and the response may complete.
+   *   still holds (at most one socket read, 256 KiB) is delivered, and the response may complete.
    */
   onData(chunk: Buffer): boolean;
   /** The response ended; `trailers` `[name, value, ...]` or null. */
@@ -344,6 +344,12 @@ export class UpstreamConnection implements ResponseSink {
   private trailers: string[] | null = null;
   /** The pool was told the connection closed. */
   private forgotten = false;
+  /**
+   * Size of this connection's next read buffer of its own (bytes), from its last read: MAX_READ
+   * after a read that filled its buffer, 0 after one that did not fill the shared buffer's worth
+   * (the next read goes to the shared buffer), else twice the last read, at least LARGE_READ.
+   */
+  private readSize = MAX_READ;
 
   constructor(readonly pool: UpstreamPool) {
     this.parser = new ResponseParser(this);
@@ -524,21 +530,26 @@ export class UpstreamConnection implements ResponseSink {
    */
   readInto(nread: number, buffer: Buffer): boolean {
     let data: Buffer;
-    if (buffer === sharedReadBuffer) {
+    if (nread * 2 >= buffer.length && buffer !== sharedReadBuffer) {
+      data = buffer.subarray(0, nread);
+    } else {
+      // The shared buffer, or one of this connection's own that the read did not half fill: a
+      // chunk waiting in a slow client's queue must not hold a block several times its size.
       data = Buffer.allocUnsafe(nread);
       buffer.copy(data, 0, 0, nread);
-    } else {
-      data = buffer.subarray(0, nread);
     }
+    this.readSize = nread === buffer.length ? MAX_READ // more is likely waiting
+      : nread < sharedReadBuffer.length ? 0 : Math.min(MAX_READ, Math.max(LARGE_READ, nread * 2));
     this.received(data);
     return this.phase !== Phase.Paused;
   }
 
   /** The buffer for this connection's next read (see {@link onSocketRead}). */
   readBuffer(): Buffer {
-    const left = this.phase === Phase.Body ? this.parser.bodyLeft : 0;
+    if (this.phase !== Phase.Body || this.readSize === 0) return sharedReadBuffer;
+    const left = this.parser.bodyLeft;
     if (left < LARGE_READ) return sharedReadBuffer;
-    return Buffer.allocUnsafeSlow(left === Infinity ? LARGE_READ : Math.min(left, MAX_READ));
+    return Buffer.allocUnsafeSlow(Math.min(left, this.readSize));
   }
 
   /** Bytes from the upstream. */
@@ -723,7 +734,8 @@ function onSocketData(this: Socket, data: Buffer): void {
 /**
  * Plain upstream sockets read through `onread` (no `Readable` buffering, no 'data' event), into
  * the buffer `UpstreamConnection.readBuffer` gives before each read: while a large body is known
- * to follow, a new buffer of the connection's own (up to MAX_READ, handed on without a copy);
+ * to follow and the last read brought at least the shared buffer's size, a new buffer of the
+ * connection's own (see `readSize`; handed on without a copy when the read half fills it);
  * otherwise one buffer shared by every connection, whose bytes are copied out at once. Reads are
  * synchronous with their callback on the one event-loop thread, so no two connections ever fill
  * the shared buffer at the same time, and an idle connection holds no buffer of its own (Node's
