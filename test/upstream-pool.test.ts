@@ -4,9 +4,9 @@
  * connections and record what they received, and raw `node:net` upstreams that write exact bytes.
  *
  * Covered: connection reuse and the `connections` limit, keep-alive expiry on either side, aborts
- * (and a stale handle's abort), response backpressure, response read buffers, request bodies and their framing, an early
- * answer to an upload, the connect/headers/body timeouts, refused connections, TLS (verification
- * and session resumption), close/destroy, and the request head.
+ * (and a stale handle's abort), response backpressure, response read buffers, request bodies and
+ * their framing, an early answer to an upload, the connect/headers/body timeouts, refused
+ * connections, TLS (verification and session resumption), close/destroy, and the request head.
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';

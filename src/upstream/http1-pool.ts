@@ -525,7 +525,8 @@ export class UpstreamConnection implements ResponseSink {
   /**
    * A read of a plain socket (its `onread` callback), into `buffer`: the shared buffer is read into
    * again by the next read of any connection, so what it holds is copied out; a buffer of this
-   * connection's own is handed on as it is.
+   * connection's own is handed on as it is when the read half filled it, else copied out too. Sets
+   * the size of the next read (`readSize`).
    * @returns false to stop reading (the handler paused the response).
    */
   readInto(nread: number, buffer: Buffer): boolean {
