@@ -28,6 +28,7 @@ const CASES: Record<string, (socket: Socket) => void> = {
   '/closed-before-answer': (s) => s.end(),
   '/invalid-header-bytes': (s) => s.end('HTTP/1.1 200 OK\r\nX Bad\x01: a\r\nContent-Length: 2\r\n\r\nok'),
   '/invalid-status-line': (s) => s.end('HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok'),
+  '/control-in-value': (s) => s.end('HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nX-Del: a\x7fb\r\nX-Good: yes\r\nContent-Length: 2\r\n\r\nok'),
   '/never-answers': () => {},
 };
 
@@ -51,6 +52,8 @@ const EXPECTED: Record<string, Expected> = {
   '/closed-before-answer': { status: 502 },
   '/invalid-header-bytes': { status: 502 },
   '/invalid-status-line': { status: 502 },
+  // A value with a control character is dropped, the rest of the response served (see the next test).
+  '/control-in-value': { status: 200, body: 'ok' },
   '/never-answers': { status: 504 },
 };
 
@@ -175,6 +178,22 @@ sites:
       if (expected.status >= 500 || expected.aborted) for (const line of lines) assert.match(String(line.error), /^GH_/);
     });
   }
+
+  it('/control-in-value: the fields whose values hold a control character are dropped, the others kept', async () => {
+    const answer = await rawExchange(gh.httpsPort, 'GET /control-in-value HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n', { tls: true, waitMs: 4_000 });
+    const head = answer.text.slice(0, answer.text.indexOf('\r\n\r\n'));
+    assert.doesNotMatch(head, /x-bad|x-del/i);
+    assert.match(head, /\r\nX-Good: yes\r\n/);
+    const session = await connectH2(gh.httpsPort);
+    try {
+      const two = await h2(session, '/control-in-value');
+      assert.equal(two.headers['x-bad'], undefined);
+      assert.equal(two.headers['x-del'], undefined);
+      assert.equal(two.headers['x-good'], 'yes');
+    } finally {
+      session.close();
+    }
+  });
 
   it('a body cut short over HTTP/2, 1 500 times, 25 at a time, through the CLI process: every stream is reset, none ends as if complete', async () => {
     // Closing a stream ends its writable side before the RST_STREAM: unless the response waits

@@ -22,8 +22,11 @@ const end = (trailers: string[] | null = null): Event => ({ type: 'end', trailer
 /** Records what the parser reports; consecutive body pieces are merged (copied: they are views). */
 class Recorder implements ResponseSink {
   readonly events: Event[] = [];
-  onResponseHead(status: number, rawHeaders: string[], statusText: string): void {
+  /** The `validated` flag of every head reported. */
+  readonly validated: boolean[] = [];
+  onResponseHead(status: number, rawHeaders: string[], statusText: string, validated: boolean): void {
     this.events.push(head(status, [...rawHeaders], statusText));
+    this.validated.push(validated);
   }
   onResponseData(chunk: Buffer): void {
     const last = this.events.at(-1);
@@ -47,7 +50,7 @@ function run(pieces: (string | Buffer)[], options: { head?: boolean; finish?: bo
   let consumed = 0;
   for (const piece of pieces) consumed += parser.execute(typeof piece === 'string' ? latin1(piece) : piece);
   if (options.finish) parser.finish();
-  return { parser, events: sink.events, consumed };
+  return { parser, events: sink.events, consumed, validated: sink.validated };
 }
 
 const isBadResponse = (error: unknown) =>
@@ -351,6 +354,60 @@ describe('two responses on one connection', () => {
     parser.expect(false);
     parser.execute(latin1(withFields('Content-Length: 5') + 'hello'));
     assert.deepEqual(sink.events, [head(200, ['Content-Length', '5'], 'OK'), end(), head(200, ['Content-Length', '5'], 'OK'), data('hello'), end()]);
+  });
+});
+
+describe('the validated flag', () => {
+  it('is true for a head of tokens and clean values, with or without a reason phrase or fields', () => {
+    for (const input of [withFields('Content-Length: 0', 'X-A: b\tc \xe9\xff'), 'HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n', 'HTTP/1.0 204 No Content\r\n\r\n']) {
+      const { validated, events } = run([input], { finish: true });
+      assert.deepEqual(validated, [true], JSON.stringify(input));
+      assert.equal(events[0]!.type, 'head');
+    }
+  });
+
+  it('is false, and the field passed on, when a value holds a control character other than HTAB', () => {
+    for (const control of ['\x01', '\x0b', '\x1f', '\x7f']) {
+      const { validated, events } = run([withFields(`X-Bad: a${control}b`, 'Content-Length: 0')], { finish: true });
+      assert.deepEqual(validated, [false]);
+      assert.deepEqual(events[0], head(200, ['X-Bad', `a${control}b`, 'Content-Length', '0'], 'OK'));
+    }
+  });
+
+  it('is false for a reason phrase with a control character, which is still reported', () => {
+    const { validated, events } = run(['HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n'], { finish: true });
+    assert.deepEqual(validated, [false]);
+    assert.deepEqual(events[0], head(200, ['Content-Length', '0'], 'O\x01K'));
+  });
+
+  it('agrees with a field-by-field check of arbitrary heads (fast-check), and refusals do not change', () => {
+    const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+    const CLEAN_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/;
+    // Every byte but CR, LF and NUL (those are refused in any head): names and values of any other kind.
+    const char = fc.integer({ min: 1, max: 255 }).filter((code) => code !== 0x0d && code !== 0x0a).map((code) => String.fromCharCode(code));
+    const name = fc.oneof(fc.string({ unit: fc.constantFrom(...'abcXYZ09-_!~'), minLength: 1, maxLength: 8 }), fc.string({ unit: char, minLength: 1, maxLength: 8 }));
+    const value = fc.oneof(fc.string({ unit: fc.constantFrom(...'ab 9\t,;=\xe9'), maxLength: 10 }), fc.string({ unit: char, maxLength: 10 }));
+    const fields = fc.array(fc.tuple(name, value), { maxLength: 5 });
+    fc.assert(
+      fc.property(fields, fc.option(fc.string({ unit: char, maxLength: 8 })), (list, reason) => {
+        const lines = list.map(([n, v]) => `X-${n}: ${v}`);
+        const input = `HTTP/1.1 200${reason === null ? '' : ` ${reason}`}\r\n${lines.map((line) => `${line}\r\n`).join('')}Content-Length: 0\r\n\r\n`;
+        // What the parser did before it had the whole-head test: refuse a name that is not a token.
+        const firstColon = list.map(([n]) => `X-${n}`.split(':')[0]!);
+        const refused = firstColon.some((n) => !TOKEN.test(n));
+        let outcome: ReturnType<typeof run> | undefined;
+        try {
+          outcome = run([input], { finish: true });
+        } catch (error) {
+          assert.ok(isBadResponse(error), String(error));
+        }
+        assert.equal(outcome === undefined, refused, `refused ${JSON.stringify(input)}`);
+        if (outcome === undefined) return;
+        const clean = (reason === null || CLEAN_VALUE.test(reason)) && lines.every((line) => CLEAN_VALUE.test(line));
+        assert.deepEqual(outcome.validated, [clean], JSON.stringify(input));
+      }),
+      { numRuns: 500 },
+    );
   });
 });
 

@@ -330,11 +330,11 @@ class ProxyExchange implements ForwardOutcome, UpstreamHandler {
     }
   }
 
-  onHeaders(statusCode: number, rawHeaders: string[], _statusText: string): boolean {
+  onHeaders(statusCode: number, rawHeaders: string[], _statusText: string, validated: boolean): boolean {
     this.responded = true;
     this.target.group?.reportResponse(this.current, statusCode, performance.now() - this.attemptAt);
     if (this.clientGone) return true;
-    const headers = toClientResponseHeaders(rawHeaders, this.http2, this.requestId, statusCode);
+    const headers = toClientResponseHeaders(rawHeaders, this.http2, this.requestId, statusCode, validated);
     const extra = this.target.responseHeaders;
     if (this.setCookie !== undefined || extra !== undefined) addResponseHeaders(headers, this.http2, this.setCookie, extra);
     try {

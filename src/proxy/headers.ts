@@ -266,8 +266,11 @@ export type ClientResponseHeaders = string[] | Record<string, string | string[]>
  * @param http2 true for an HTTP/2 client.
  * @param requestId the request id to return, or `''`.
  * @param status the response status; `Content-Length` is dropped for 1xx and 204. Default 200.
+ * @param validated true when the caller knows every name is a token and every value free of the
+ *   forbidden characters (the upstream pool's response parser says so per head): those two checks
+ *   are then skipped. Default false.
  */
-export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2: boolean, requestId: string, status = 200): ClientResponseHeaders {
+export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2: boolean, requestId: string, status = 200, validated = false): ClientResponseHeaders {
   // RFC 9110 §8.6: no Content-Length in a 1xx or 204 (an upstream that sends one anyway must not
   // make the client wait for a body, nor node:http2 refuse the response).
   const noLength = status < 200 || status === 204;
@@ -285,7 +288,7 @@ export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2
       if (!isPlainConnectionValue(value)) connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
       continue;
     }
-    if (INVALID_VALUE_CHAR.test(value)) continue; // skipped, never thrown on
+    if (!validated && INVALID_VALUE_CHAR.test(value)) continue; // skipped, never thrown on
     switch (lower) {
       case 'keep-alive':
       case 'proxy-connection':
@@ -302,7 +305,7 @@ export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2
         if (noLength) continue;
         break;
     }
-    if (!TOKEN.test(name)) continue;
+    if (!validated && !TOKEN.test(name)) continue;
     list.push(http2 ? lower : name, value);
   }
   if (connectionTokens !== '') removeConnectionListed(list, connectionTokens);

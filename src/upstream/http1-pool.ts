@@ -58,9 +58,11 @@ export interface UpstreamHandler {
   onBodySent(chunk: Buffer): void;
   /**
    * The final response head (1xx are not reported). `rawHeaders` is `[name, value, ...]` as received.
+   * `validated` is true when every name is a token and no value holds a control character other
+   * than HTAB (see `ResponseSink.onResponseHead`): the fields need no second check.
    * @returns false to stop reading from the upstream until `call.resume()` (as `onData`).
    */
-  onHeaders(status: number, rawHeaders: string[], statusText: string): boolean;
+  onHeaders(status: number, rawHeaders: string[], statusText: string, validated: boolean): boolean;
   /**
    * A body chunk (a view, valid during the call).
    * @returns false to stop reading from the upstream until `call.resume()`; what the read in hand
@@ -575,13 +577,13 @@ export class UpstreamConnection implements ResponseSink {
     }
   }
 
-  onResponseHead(status: number, rawHeaders: string[], statusText: string): void {
+  onResponseHead(status: number, rawHeaders: string[], statusText: string, validated: boolean): void {
     const call = this.call;
     if (call === null) return;
     this.phase = Phase.Body;
     this.since = performance.now();
     if (!this.parser.keepAlive) this.keepAlive = false;
-    if (!call.handler.onHeaders(status, rawHeaders, statusText) && this.call === call) this.pause();
+    if (!call.handler.onHeaders(status, rawHeaders, statusText, validated) && this.call === call) this.pause();
   }
 
   onResponseData(chunk: Buffer): void {

@@ -24,8 +24,12 @@ export interface ResponseSink {
   /**
    * A final response head (status 101–599 except 1xx informational ones, which are skipped).
    * @param rawHeaders `[name, value, ...]` as received (name case kept, value without surrounding whitespace).
+   * @param validated true when every name is a token and every value holds only HTAB, SP, VCHAR and
+   *   obs-text (RFC 9110 §5.5), so a consumer need not check the fields again; false when some
+   *   value holds another control character (the parser passes those on: what to do with them is
+   *   the consumer's call).
    */
-  onResponseHead(status: number, rawHeaders: string[], statusText: string): void;
+  onResponseHead(status: number, rawHeaders: string[], statusText: string, validated: boolean): void;
   /** A piece of the body: a view of the received buffer, valid only during the call. */
   onResponseData(chunk: Buffer): void;
   /** The response is complete. `trailers` as `[name, value, ...]`, or null when there were none. */
@@ -73,6 +77,13 @@ const BAD_LINE_BYTES = /\0|\r(?!\n)|(?<!\r)\n/;
 const BARE_LF = /(?<!\r)\n/;
 /** `HTTP/1.x NNN` followed by the end or a space and the reason phrase. */
 const STATUS_LINE = /^HTTP\/1\.[01] [1-5]\d\d(?: |$)/;
+/**
+ * A whole head (status line and field lines, without the CRLFCRLF) in which every byte is one that
+ * RFC 9110/9112 allow where it stands: the status line, then `token ":" value` lines with values of
+ * HTAB, SP, VCHAR and obs-text. One test of it stands for the per-line checks below, which run only
+ * when it fails (to find what is wrong, or to pass on a value with a control character).
+ */
+const CLEAN_HEAD = /^HTTP\/1\.[01] [1-5]\d\d(?: [\t\x20-\x7e\x80-\xff]*)?(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*$/;
 const DIGITS = /^\d{1,15}$/;
 const EMPTY: readonly string[] = Object.freeze([]);
 
@@ -245,10 +256,11 @@ export class ResponseParser {
   }
 
   private parseHead(text: string): void {
-    if (BAD_LINE_BYTES.test(text)) throw new ResponseParseError('bare CR, LF or NUL in the head');
+    const clean = CLEAN_HEAD.test(text);
+    if (!clean && BAD_LINE_BYTES.test(text)) throw new ResponseParseError('bare CR, LF or NUL in the head');
     let lineEnd = text.indexOf('\r\n');
     const statusLine = lineEnd < 0 ? text : text.slice(0, lineEnd);
-    if (!STATUS_LINE.test(statusLine)) throw new ResponseParseError('malformed status line');
+    if (!clean && !STATUS_LINE.test(statusLine)) throw new ResponseParseError('malformed status line');
     const status = (statusLine.charCodeAt(9) - 48) * 100 + (statusLine.charCodeAt(10) - 48) * 10 + (statusLine.charCodeAt(11) - 48);
     const http10 = statusLine.charCodeAt(7) === 48;
     const statusText = statusLine.length > 13 ? statusLine.slice(13) : '';
@@ -265,7 +277,7 @@ export class ResponseParser {
       const colon = text.indexOf(':', lineStart);
       if (colon <= lineStart || colon >= stop) throw new ResponseParseError('malformed field line');
       const name = text.slice(lineStart, colon);
-      if (!TOKEN.test(name)) throw new ResponseParseError('invalid field name');
+      if (!clean && !TOKEN.test(name)) throw new ResponseParseError('invalid field name');
       const value = trimOws(text, colon + 1, stop);
       headers.push(name, value);
       switch (name.length) {
@@ -296,7 +308,7 @@ export class ResponseParser {
     // HTTP/1.1 persists unless `close`; HTTP/1.0 only with `keep-alive` (RFC 9112 §9.3), and never
     // after an HTTP/1.0 message with Transfer-Encoding (§6.1: its framing is to be treated as faulty).
     this.keepAlive = !closeToken && (!http10 || (keepAliveToken && !transferEncoding));
-    this.sink.onResponseHead(status, headers, statusText);
+    this.sink.onResponseHead(status, headers, statusText, clean);
 
     if (this.noBody || status === 204 || status === 304) {
       this.finishResponse();
