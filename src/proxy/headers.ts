@@ -249,6 +249,21 @@ function removeConnectionListed(list: string[], connectionTokens: string): void 
   list.length = w;
 }
 
+/**
+ * True when a response field name of this length may be one that {@link toClientResponseHeaders}
+ * handles by name (te 2, via 3, trailer and upgrade 7, connection and keep-alive 10, x-request-id 12,
+ * content-length 14, proxy-connection 16, transfer-encoding 17): any other name is passed on
+ * without being lowercased.
+ */
+function isHandledResponseNameLength(length: number): boolean {
+  switch (length) {
+    case 2: case 3: case 7: case 10: case 12: case 14: case 16: case 17:
+      return true;
+    default:
+      return false;
+  }
+}
+
 /** Response header fields for the client: a flat list (HTTP/1.x) or an object (HTTP/2). */
 export type ClientResponseHeaders = string[] | Record<string, string | string[]>;
 
@@ -283,7 +298,8 @@ export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2
     const rawValue = raw[i + 1]!;
     const name = typeof rawName === 'string' ? rawName : rawName.toString('latin1');
     const value = typeof rawValue === 'string' ? rawValue : rawValue.toString('latin1');
-    const lower = name.toLowerCase();
+    // HTTP/1.x keeps the name as it came; only a name as long as one handled below is lowercased.
+    const lower = http2 || isHandledResponseNameLength(name.length) ? name.toLowerCase() : name;
     if (lower === 'connection') {
       if (!isPlainConnectionValue(value)) connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
       continue;
@@ -347,10 +363,11 @@ const SINGLE_VALUE_HEADERS = new Set([
   'upgrade-insecure-requests', 'user-agent', 'x-content-type-options',
 ]);
 
+/** A flat list whose names are lowercase already (both callers lowercase them) as an HTTP/2 header object. */
 function toHeaderObject(list: readonly string[]): Record<string, string | string[]> {
   const object: Record<string, string | string[]> = Object.create(null);
   for (let i = 0; i < list.length; i += 2) {
-    const name = list[i]!.toLowerCase();
+    const name = list[i]!;
     const value = list[i + 1]!;
     const existing = object[name];
     if (existing === undefined) object[name] = value;
