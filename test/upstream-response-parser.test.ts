@@ -393,8 +393,8 @@ describe('the validated flag', () => {
         const lines = list.map(([n, v]) => `X-${n}: ${v}`);
         const input = `HTTP/1.1 200${reason === null ? '' : ` ${reason}`}\r\n${lines.map((line) => `${line}\r\n`).join('')}Content-Length: 0\r\n\r\n`;
         // What the parser did before it had the whole-head test: refuse a name that is not a token.
-        const firstColon = list.map(([n]) => `X-${n}`.split(':')[0]!);
-        const refused = firstColon.some((n) => !TOKEN.test(n));
+        const names = list.map(([n]) => `X-${n}`.split(':')[0]!); // a name ends at the line's first colon
+        const refused = names.some((n) => !TOKEN.test(n));
         let outcome: ReturnType<typeof run> | undefined;
         try {
           outcome = run([input], { finish: true });

@@ -250,19 +250,11 @@ function removeConnectionListed(list: string[], connectionTokens: string): void 
 }
 
 /**
- * True when a response field name of this length may be one that {@link toClientResponseHeaders}
- * handles by name (te 2, via 3, trailer and upgrade 7, connection and keep-alive 10, x-request-id 12,
- * content-length 14, proxy-connection 16, transfer-encoding 17): any other name is passed on
- * without being lowercased.
+ * Lengths of the response field names {@link toClientResponseHeaders} handles by name: the
+ * hop-by-hop ones, `via`, `content-length` and `x-request-id`. A name of any other length cannot be
+ * one of them, so an HTTP/1.x response passes it on without lowercasing it.
  */
-function isHandledResponseNameLength(length: number): boolean {
-  switch (length) {
-    case 2: case 3: case 7: case 10: case 12: case 14: case 16: case 17:
-      return true;
-    default:
-      return false;
-  }
-}
+const HANDLED_RESPONSE_NAME_LENGTHS = new Set([...HOP_BY_HOP_HEADERS, 'via', 'content-length', 'x-request-id'].map((name) => name.length));
 
 /** Response header fields for the client: a flat list (HTTP/1.x) or an object (HTTP/2). */
 export type ClientResponseHeaders = string[] | Record<string, string | string[]>;
@@ -299,7 +291,7 @@ export function toClientResponseHeaders(raw: readonly (Buffer | string)[], http2
     const name = typeof rawName === 'string' ? rawName : rawName.toString('latin1');
     const value = typeof rawValue === 'string' ? rawValue : rawValue.toString('latin1');
     // HTTP/1.x keeps the name as it came; only a name as long as one handled below is lowercased.
-    const lower = http2 || isHandledResponseNameLength(name.length) ? name.toLowerCase() : name;
+    const lower = http2 || HANDLED_RESPONSE_NAME_LENGTHS.has(name.length) ? name.toLowerCase() : name;
     if (lower === 'connection') {
       if (!isPlainConnectionValue(value)) connectionTokens = connectionTokens === '' ? value.toLowerCase() : `${connectionTokens},${value.toLowerCase()}`;
       continue;

@@ -24,10 +24,10 @@ export interface ResponseSink {
   /**
    * A final response head (status 101–599 except 1xx informational ones, which are skipped).
    * @param rawHeaders `[name, value, ...]` as received (name case kept, value without surrounding whitespace).
-   * @param validated true when every name is a token and every value holds only HTAB, SP, VCHAR and
-   *   obs-text (RFC 9110 §5.5), so a consumer need not check the fields again; false when some
-   *   value holds another control character (the parser passes those on: what to do with them is
-   *   the consumer's call).
+   * @param validated true when every name is a token and every value (and the reason phrase) holds
+   *   only HTAB, SP, VCHAR and obs-text (RFC 9110 §5.5), so a consumer need not check the fields
+   *   again; false when one of them holds another control character (the parser passes those on:
+   *   what to do with them is the consumer's call).
    */
   onResponseHead(status: number, rawHeaders: string[], statusText: string, validated: boolean): void;
   /** A piece of the body: a view of the received buffer, valid only during the call. */
@@ -69,8 +69,12 @@ const enum State {
 
 const CR = 0x0d;
 const LF = 0x0a;
+/** RFC 9110 §5.6.2 tchar, as a regex character class. */
+const TCHAR = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]";
+/** RFC 9110 §5.5 field-vchar, SP and HTAB (and obs-text, bytes 0x80–0xFF), as a regex character class. */
+const FIELD_CHAR = '[\\t\\x20-\\x7e\\x80-\\xff]';
 /** RFC 9110 §5.6.2 token. */
-const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+const TOKEN = new RegExp(`^${TCHAR}+$`);
 /** A NUL, a CR not followed by LF, or an LF not preceded by CR: never valid in a head. */
 const BAD_LINE_BYTES = /\0|\r(?!\n)|(?<!\r)\n/;
 /** An LF not preceded by CR (checked early, on a head still incomplete). */
@@ -83,7 +87,7 @@ const STATUS_LINE = /^HTTP\/1\.[01] [1-5]\d\d(?: |$)/;
  * HTAB, SP, VCHAR and obs-text. One test of it stands for the per-line checks below, which run only
  * when it fails (to find what is wrong, or to pass on a value with a control character).
  */
-const CLEAN_HEAD = /^HTTP\/1\.[01] [1-5]\d\d(?: [\t\x20-\x7e\x80-\xff]*)?(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*$/;
+const CLEAN_HEAD = new RegExp(`^HTTP/1\\.[01] [1-5]\\d\\d(?: ${FIELD_CHAR}*)?(?:\\r\\n${TCHAR}+:${FIELD_CHAR}*)*$`);
 const DIGITS = /^\d{1,15}$/;
 const EMPTY: readonly string[] = Object.freeze([]);
 
