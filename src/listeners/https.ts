@@ -24,6 +24,22 @@ import type { ProxyFailure } from '../proxy/errors.js';
 import { StreamRequest, StreamResponse } from '../proxy/http2-stream.js';
 
 /**
+ * Streams Node may refuse on one HTTP/2 session (its `maxSessionRejectedStreams`, default 100)
+ * before it destroys the session. Set high so that a HEADERS + RST_STREAM flood (rapid reset,
+ * CVE-2023-44487) is ended by nghttp2's own limit on received RST_STREAM frames (a burst of 1000,
+ * then 33 a second), whose GOAWAY (INTERNAL_ERROR) goes out through the session's normal writes.
+ *
+ * Why not Node's limit: from Node 24.22 a closed stream leaves the session's table only after the
+ * read that closed it, so within one read a flood fills `concurrent_streams` and Node refuses the
+ * rest (ENHANCE_YOUR_CALM). Past this limit Node destroys the session at once, and when a write is
+ * in flight at that moment (an earlier RST_STREAM), its GOAWAY is dropped: the client sees a bare
+ * close. A stream Node refuses was reset by the client in the same read, and so counts against
+ * nghttp2's limit: a client that opens more streams than `concurrent_streams` without resetting
+ * them is stopped by nghttp2's own concurrency check before Node sees the stream.
+ */
+const MAX_SESSION_REJECTED_STREAMS = 10_000;
+
+/**
  * HTTP/2 SETTINGS (RFC 9113 §6.5.2) from the client limits: `maxConcurrentStreams` bounded (each
  * open stream may hold an upstream request), `maxHeaderListSize` = `clients.limits.header_size`
  * (Node resets a stream whose header list is larger with ENHANCE_YOUR_CALM), no server push.
@@ -86,7 +102,7 @@ export class HttpsListener {
       // Header fields per HTTP/2 request, the four pseudo-headers included; more resets the stream.
       maxHeaderListPairs: limits.header_count + 4,
       maxSessionInvalidFrames: 100,
-      maxSessionRejectedStreams: 100,
+      maxSessionRejectedStreams: MAX_SESSION_REJECTED_STREAMS,
     });
     this.server = server;
     this.#handshakeMs = clients.timeouts.handshake;
