@@ -29,6 +29,8 @@ const CASES: Record<string, (socket: Socket) => void> = {
   '/invalid-header-bytes': (s) => s.end('HTTP/1.1 200 OK\r\nX Bad\x01: a\r\nContent-Length: 2\r\n\r\nok'),
   '/invalid-status-line': (s) => s.end('HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok'),
   '/control-in-value': (s) => s.end('HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nX-Del: a\x7fb\r\nX-Good: yes\r\nContent-Length: 2\r\n\r\nok'),
+  // obs-text (RFC 9110 §5.5): the byte 0xE9 ('é' in latin1), written as a byte, not as UTF-8.
+  '/obs-text-in-value': (s) => s.end(Buffer.from('HTTP/1.1 200 OK\r\nX-Latin: caf\u00e9\r\nContent-Length: 2\r\n\r\nok', 'latin1')),
   '/never-answers': () => {},
 };
 
@@ -54,6 +56,7 @@ const EXPECTED: Record<string, Expected> = {
   '/invalid-status-line': { status: 502 },
   // A value with a control character is dropped, the rest of the response served (see the next test).
   '/control-in-value': { status: 200, body: 'ok' },
+  '/obs-text-in-value': { status: 200, body: 'ok' },
   '/never-answers': { status: 504 },
 };
 
@@ -190,6 +193,21 @@ sites:
       assert.equal(two.headers['x-bad'], undefined);
       assert.equal(two.headers['x-del'], undefined);
       assert.equal(two.headers['x-good'], 'yes');
+    } finally {
+      session.close();
+    }
+  });
+
+  it('/obs-text-in-value: a value byte 0x80-0xFF reaches HTTP/1.1 and HTTP/2 clients as that byte, not re-encoded', async () => {
+    // rawExchange decodes latin1: the byte 0xE9 reads as 'é', its UTF-8 form (C3 A9) as 'Ã©'.
+    const answer = await rawExchange(gh.httpsPort, 'GET /obs-text-in-value HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n', { tls: true, waitMs: 4_000 });
+    const head = answer.text.slice(0, answer.text.indexOf('\r\n\r\n'));
+    assert.match(head, /\r\nX-Latin: caf\u00e9\r\n/);
+    const session = await connectH2(gh.httpsPort);
+    try {
+      // Node's HTTP/2 client gives field values as latin1 strings, one char per octet.
+      const two = await h2(session, '/obs-text-in-value');
+      assert.equal(Buffer.from(String(two.headers['x-latin']), 'latin1').toString('hex'), Buffer.from('caf\u00e9', 'latin1').toString('hex'));
     } finally {
       session.close();
     }
