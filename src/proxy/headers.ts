@@ -12,6 +12,7 @@
  * Node's http2 throws on them), skips names and values Node would reject (without throwing),
  * appends `Via` and sets `X-Request-Id`.
  */
+import { INVALID_VALUE_CHAR, TOKEN } from '../upstream/field-syntax.js';
 
 /**
  * Hop-by-hop header fields (lowercase), removed by every intermediary (RFC 9110 §7.6.1; RFC 9112
@@ -37,10 +38,6 @@ export function isHopByHopHeader(lowercaseName: string): boolean {
   return HOP_BY_HOP.has(lowercaseName);
 }
 
-/** RFC 9110 §5.6.2 token: a valid field name. */
-const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
-/** Characters Node rejects in a field value: controls other than HTAB, and DEL. */
-const INVALID_VALUE_CHAR = /[^\t\x20-\x7e\x80-\xff]/;
 /** A Content-Length value (RFC 9110 §8.6), at most 15 digits so that it stays an exact number. */
 const DECIMAL = /^\d{1,15}$/;
 /** A request id worth keeping: 1–200 visible ASCII characters. */

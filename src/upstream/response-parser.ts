@@ -18,6 +18,7 @@
  * The head is parsed from one latin1 string (one slice per field), and body chunks are views of
  * the received buffers: nothing is copied except a head or a chunk-size line split across reads.
  */
+import { FIELD_CHAR, TCHAR, TOKEN } from './field-syntax.js';
 
 /** What the parser reports, in order: a head, body chunks, the end (or an error). */
 export interface ResponseSink {
@@ -69,12 +70,6 @@ const enum State {
 
 const CR = 0x0d;
 const LF = 0x0a;
-/** RFC 9110 §5.6.2 tchar, as a regex character class. */
-const TCHAR = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]";
-/** RFC 9110 §5.5 field-vchar, SP and HTAB (and obs-text, bytes 0x80–0xFF), as a regex character class. */
-const FIELD_CHAR = '[\\t\\x20-\\x7e\\x80-\\xff]';
-/** RFC 9110 §5.6.2 token. */
-const TOKEN = new RegExp(`^${TCHAR}+$`);
 /** A NUL, a CR not followed by LF, or an LF not preceded by CR: never valid in a head. */
 const BAD_LINE_BYTES = /\0|\r(?!\n)|(?<!\r)\n/;
 /** An LF not preceded by CR (checked early, on a head still incomplete). */
