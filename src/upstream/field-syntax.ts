@@ -11,7 +11,7 @@ export const TCHAR = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]";
 /** The bytes a field value may hold: HTAB, SP, VCHAR and obs-text (0x80–0xFF), RFC 9110 §5.5. */
 const FIELD_BYTES = '\\t\\x20-\\x7e\\x80-\\xff';
 
-/** One byte of a field value (see `FIELD_BYTES`), as a regex character class. */
+/** One byte of a field value (HTAB, SP, VCHAR or obs-text), as a regex character class (without anchors). */
 export const FIELD_CHAR = `[${FIELD_BYTES}]`;
 
 /** RFC 9110 §5.6.2 token: a valid field name. */
