@@ -9,6 +9,7 @@ import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import http2 from 'node:http2';
+import https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -18,6 +19,7 @@ import { forward, type ForwardOutcome } from '../src/proxy/forward.js';
 import { generateRequestId, toClientResponseHeaders, toUpstreamRequestHeaders, newRequestHeadFacts } from '../src/proxy/headers.js';
 import { classifyUpstreamError } from '../src/proxy/errors.js';
 import { Upstream } from '../src/upstream/pool.js';
+import { readBlockStats } from '../src/upstream/read-blocks.js';
 import {
   sizedBodyChunks, sizedBodySha256, startEchoUpstream, startRawUpstream, startSilentUpstream, startSizedUpstream,
   type EchoReport,
@@ -339,6 +341,85 @@ describe('forward', () => {
     assert.equal(head.headers['content-length'], '1000');
     assert.equal(head.body.length, 0);
     assert.equal(harness.outcomes.at(-1)!.error, undefined);
+  });
+
+  // Large reads land in read blocks that are reused once the client write that carried them is
+  // done (src/upstream/read-blocks.ts). Every body here has bytes of its own (a seed), so a block
+  // reused while a slow client's queue still held it would show as another body's bytes.
+  test('large bodies through reused read blocks arrive intact: distinct bodies, slow and fast clients, HTTP/1.1 plain and TLS, HTTP/2', async () => {
+    const SIZE = MiB;
+    const bodyOf = (seed: number): Buffer => {
+      const body = Buffer.allocUnsafe(SIZE);
+      for (let i = 0; i < SIZE; i++) body[i] = (i * 131 + seed * 71 + (i >>> 12) * seed) & 0xff;
+      return body;
+    };
+    const seeded = http.createServer((req, res) => {
+      const seed = Number(/^\/seeded\/(\d+)$/.exec(req.url ?? '')?.[1] ?? 0);
+      const body = bodyOf(seed);
+      res.writeHead(200, { 'content-length': String(SIZE) });
+      let at = 0;
+      const pump = (): void => {
+        while (at < SIZE) {
+          const piece = body.subarray(at, at + 65_536);
+          at += piece.length;
+          if (!res.write(piece)) {
+            res.once('drain', pump);
+            return;
+          }
+        }
+        res.end();
+      };
+      pump();
+    });
+    seeded.listen(0, '127.0.0.1');
+    await once(seeded, 'listening');
+    const upstream = new Upstream(`http://127.0.0.1:${(seeded.address() as AddressInfo).port}`);
+    extra.push(upstream);
+    try {
+      use(upstream);
+      /** GET over HTTP/1.1 (plain or TLS); a slow client waits 20 ms after each chunk it reads. */
+      const get = (base: string, seed: number, slow: boolean): Promise<Buffer> => new Promise((resolve, reject) => {
+        const request = base.startsWith('https:') ? https.request : http.request;
+        const req = request(`${base}/seeded/${seed}`, { agent: false, ca: harness.ca }, (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (chunk: Buffer) => {
+            chunks.push(chunk);
+            if (slow) {
+              res.pause();
+              setTimeout(() => res.resume(), 20);
+            }
+          });
+          res.on('end', () => resolve(Buffer.concat(chunks)));
+          res.on('error', reject);
+        });
+        req.on('error', reject);
+        req.end();
+      });
+      const downloads: { seed: number; body: Promise<Buffer> }[] = [];
+      for (let seed = 1; seed <= 12; seed++) downloads.push({ seed, body: get(harness.plainUrl, seed, seed % 4 === 0) });
+      for (let seed = 13; seed <= 16; seed++) downloads.push({ seed, body: get(harness.tlsUrl, seed, seed === 16) });
+      for (let seed = 17; seed <= 20; seed++) {
+        downloads.push({ seed, body: h2(session, { ':path': `/seeded/${seed}` }).then((answer) => answer.body) });
+      }
+      for (const { seed, body } of downloads) {
+        const got = await within(body, 20_000, `download ${seed}`);
+        assert.equal(got.length, SIZE, `body ${seed} length`);
+        assert.equal(sha256(got), sha256(bodyOf(seed)), `body ${seed} is its own bytes, whole and in order`);
+      }
+
+      // Plain HTTP/1.1 clients alone: the blocks come back and are taken again, so far fewer are
+      // made than large reads happen (each 1 MiB body takes at least 4 reads of at most 256 KiB).
+      const before = readBlockStats().made;
+      for (let round = 0; round < 4; round++) {
+        const bodies = await Promise.all([1, 2, 3, 4].map((seed) => get(harness.plainUrl, seed, false)));
+        for (const [i, got] of bodies.entries()) assert.equal(sha256(got), sha256(bodyOf(i + 1)), `round ${round}, body ${i + 1}`);
+      }
+      const made = readBlockStats().made - before;
+      assert.ok(made < 16, `${made} read blocks made for 16 bodies of 1 MiB (at least 64 large reads): not reused`);
+      assert.ok(readBlockStats().free > 0, 'released blocks wait in the free list');
+    } finally {
+      await new Promise<void>((r) => seeded.close(() => r()));
+    }
   });
 
   test('upstream trailers reach HTTP/1.1 and HTTP/2 clients', async () => {

@@ -356,10 +356,17 @@ class ProxyExchange implements ForwardOutcome, UpstreamHandler {
     this.bytesOut += chunk.length;
     if (this.clientGone) return true;
     const res = this.direct ?? this.res as ServerResponse;
+    // A chunk of a large read views a read block that is reused once released (call.hold()):
+    // HTTP/1.1 gives it back from the write's callback, which node:http calls once the bytes are
+    // with the kernel. HTTP/2 keeps the hold: nghttp2 sends DATA from the chunk's memory, and
+    // Node does not document when its stream write callbacks run against that, so the block is
+    // left to the garbage collector there (as every read buffer was before blocks).
+    const release = this.call!.hold();
     // Keep reading while less than RESPONSE_BUFFER is queued for the client, though write() says
     // false past the socket's 16 KiB mark: pausing the upstream for each 64 KiB chunk costs a
     // readStop/readStart pair and an event-loop turn per chunk on large bodies.
-    if (res.write(chunk) || res.writableLength < RESPONSE_BUFFER) return true;
+    const queued = release === null || this.http2 ? res.write(chunk) : (res as ServerResponse).write(chunk, release);
+    if (queued || res.writableLength < RESPONSE_BUFFER) return true;
     if (!this.drainListening) {
       this.drainListening = true;
       this.events.on('drain', onClientDrain);

@@ -27,6 +27,7 @@
 import net, { type Socket } from 'node:net';
 import type { Readable } from 'node:stream';
 import tls, { type ConnectionOptions } from 'node:tls';
+import { READ_BLOCK_SIZE, takeReadBlock, trimReadBlocks, type ReadBlock } from './read-blocks.js';
 import { ResponseParser, type ResponseSink } from './response-parser.js';
 
 /** One request for {@link UpstreamPool.dispatch}. */
@@ -64,7 +65,8 @@ export interface UpstreamHandler {
    */
   onHeaders(status: number, rawHeaders: string[], statusText: string, validated: boolean): boolean;
   /**
-   * A body chunk (a view, valid during the call).
+   * A body chunk: a view, valid during the call only, unless the handler calls `call.hold()` in
+   * it (then until the function that returns is called; a large read's block is reused after).
    * @returns false to stop reading from the upstream until `call.resume()`; what the read in hand
    *   still holds (at most one socket read, 256 KiB) is delivered, and the response may complete.
    */
@@ -125,6 +127,18 @@ export class UpstreamCall {
     const reason = error ?? new UpstreamError('GH_UPSTREAM_ABORTED', 'the request was aborted');
     if (this.connection !== null) this.connection.fail(this, reason);
     else this.pool.dequeue(this, reason);
+  }
+
+  /**
+   * Keeps the body chunk being delivered valid after `onData` returns; call it inside `onData`.
+   * A large read lands in a block that is reused once every chunk viewing it was released (see
+   * `read-blocks.ts`): pass the function returned as the client write's callback. Never calling
+   * it is safe (the block is then left to the garbage collector); calling it twice is not.
+   * @returns the release function, or null when the chunk is a copy the handler may keep as is.
+   */
+  hold(): (() => void) | null {
+    const block = this.connection?.delivering ?? null;
+    return block === null ? null : block.retain();
   }
 
   /** Reading the response goes on after a handler returned false. */
@@ -347,11 +361,15 @@ export class UpstreamConnection implements ResponseSink {
   /** The pool was told the connection closed. */
   private forgotten = false;
   /**
-   * Size of this connection's next read buffer of its own (bytes), from its last read: MAX_READ
+   * Size of this connection's next read into a read block (bytes), from its last read: MAX_READ
    * after a read that filled its buffer, 0 after one that did not fill the shared buffer's worth
    * (the next read goes to the shared buffer), else twice the last read, at least LARGE_READ.
    */
   private readSize = MAX_READ;
+  /** The block given to the socket for its next read; null when that is the shared buffer. */
+  private readBlock: ReadBlock | null = null;
+  /** The block the body chunk being delivered views (see {@link UpstreamCall.hold}); else null. */
+  delivering: ReadBlock | null = null;
 
   constructor(readonly pool: UpstreamPool) {
     this.parser = new ResponseParser(this);
@@ -526,33 +544,54 @@ export class UpstreamConnection implements ResponseSink {
 
   /**
    * A read of a plain socket (its `onread` callback), into `buffer`: the shared buffer is read into
-   * again by the next read of any connection, so what it holds is copied out; a buffer of this
-   * connection's own is handed on as it is when the read half filled it, else copied out too. Sets
-   * the size of the next read (`readSize`).
+   * again by the next read of any connection, so what it holds is copied out; a read block
+   * (`readBlock`) is handed on as it is when the read half filled it (the handler may hold it, see
+   * {@link UpstreamCall.hold}; the read's own hold ends when the bytes are delivered), else copied
+   * out too. Sets the size of the next read (`readSize`).
    * @returns false to stop reading (the handler paused the response).
    */
   readInto(nread: number, buffer: Buffer): boolean {
+    const block = this.readBlock;
+    this.readBlock = null;
     let data: Buffer;
-    if (nread * 2 >= buffer.length && buffer !== sharedReadBuffer) {
-      data = buffer.subarray(0, nread);
+    if (block !== null && nread * 2 >= buffer.length) {
+      data = nread === buffer.length ? buffer : buffer.subarray(0, nread);
+      this.delivering = block;
     } else {
-      // The shared buffer, or one of this connection's own that the read did not half fill: a
-      // chunk waiting in a slow client's queue must not hold a block several times its size.
+      // The shared buffer, or a read block the read did not half fill: a chunk waiting in a slow
+      // client's queue must not hold a block several times its size.
       data = Buffer.allocUnsafe(nread);
       buffer.copy(data, 0, 0, nread);
+      block?.release();
     }
     this.readSize = nread === buffer.length ? MAX_READ // more is likely waiting
       : nread < sharedReadBuffer.length ? 0 : Math.min(MAX_READ, Math.max(LARGE_READ, nread * 2));
     this.received(data);
+    if (this.delivering !== null) {
+      this.delivering = null;
+      block!.release();
+    }
     return this.phase !== Phase.Paused;
   }
 
   /** The buffer for this connection's next read (see {@link onSocketRead}). */
   readBuffer(): Buffer {
+    // Node asks once after each read; a block given before and not read into goes back.
+    this.releaseReadBlock();
     if (this.phase !== Phase.Body || this.readSize === 0) return sharedReadBuffer;
     const left = this.parser.bodyLeft;
     if (left < LARGE_READ) return sharedReadBuffer;
-    return Buffer.allocUnsafeSlow(Math.min(left, this.readSize));
+    const block = takeReadBlock(Math.min(left, this.readSize));
+    this.readBlock = block;
+    return block.buffer;
+  }
+
+  /** Gives back the block lent for the next read, if any (the socket no longer reads into it). */
+  private releaseReadBlock(): void {
+    const block = this.readBlock;
+    if (block === null) return;
+    this.readBlock = null;
+    block.release();
   }
 
   /** Bytes from the upstream. */
@@ -665,6 +704,7 @@ export class UpstreamConnection implements ResponseSink {
     const call = this.call;
     if (call !== null) this.fail(call, new UpstreamError('GH_UPSTREAM_RESET', 'the upstream connection closed'));
     this.phase = Phase.Closed;
+    this.releaseReadBlock(); // the handle is closed: nothing reads into it any more
     if (this.forgotten) return;
     this.forgotten = true;
     unwatch(this);
@@ -737,12 +777,13 @@ function onSocketData(this: Socket, data: Buffer): void {
 /**
  * Plain upstream sockets read through `onread` (no `Readable` buffering, no 'data' event), into
  * the buffer `UpstreamConnection.readBuffer` gives before each read: while a large body is known
- * to follow and the last read brought at least the shared buffer's size, a new buffer of the
- * connection's own (see `readSize`; handed on without a copy when the read half fills it);
- * otherwise one buffer shared by every connection, whose bytes are copied out at once. Reads are
- * synchronous with their callback on the one event-loop thread, so no two connections ever fill
- * the shared buffer at the same time, and an idle connection holds no buffer of its own (Node's
- * own read path allocates 64 KiB per read and shrinks it with a copy).
+ * to follow and the last read brought at least the shared buffer's size, a read block taken from
+ * `read-blocks.ts` (see `readSize`; handed on without a copy when the read half fills it, and
+ * reused once the client write that carried it is done); otherwise one buffer shared by every
+ * connection, whose bytes are copied out at once. Reads are synchronous with their callback on the
+ * one event-loop thread, so no two connections ever fill the shared buffer at the same time, and an
+ * idle connection holds no buffer of its own (Node's own read path allocates 64 KiB per read and
+ * shrinks it with a copy).
  */
 function onSocketRead(this: Socket, nread: number, buffer: Buffer): boolean {
   const connection = carried(this);
@@ -751,10 +792,10 @@ function onSocketRead(this: Socket, nread: number, buffer: Buffer): boolean {
 
 /** The shared read buffer: headers and small bodies (bytes). */
 const sharedReadBuffer = Buffer.allocUnsafeSlow(16 * 1024);
-/** A body with at least this much to come is read into a buffer of its own (bytes). */
+/** A body with at least this much to come is read into a read block (bytes). */
 const LARGE_READ = 64 * 1024;
-/** Largest read (bytes). */
-const MAX_READ = 256 * 1024;
+/** Largest read (bytes): a whole read block. */
+const MAX_READ = READ_BLOCK_SIZE;
 
 function onSocketEnd(this: Socket): void {
   carried(this)?.ended();
@@ -811,10 +852,19 @@ function unwatch(connection: UpstreamConnection): void {
   if (liveConnections.size === 0 && ticker !== undefined) {
     clearInterval(ticker);
     ticker = undefined;
+    trimReadBlocks(true);
   }
 }
+
+/** Ticks between two trims of the free read blocks (10 s). */
+const TRIM_TICKS = 10_000 / TICK_MS;
+let ticksToTrim = TRIM_TICKS;
 
 function tick(): void {
   const now = performance.now();
   for (const connection of liveConnections) connection.check(now);
+  if (--ticksToTrim === 0) {
+    ticksToTrim = TRIM_TICKS;
+    trimReadBlocks();
+  }
 }

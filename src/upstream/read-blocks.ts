@@ -1,0 +1,95 @@
+/**
+ * Reusable read buffers for large upstream bodies, shared by every upstream connection of the
+ * process.
+ *
+ * Why: a plain upstream socket reads a large body into a buffer of its own, which is handed on to
+ * the client without a copy (`http1-pool.ts`, `readInto`). Allocating that buffer for every read
+ * (256 KiB at a time, over a gigabyte a second at 5 000 responses of 256 KiB) makes V8 collect for
+ * the external memory alone: a scavenge every ~30 MB of new `ArrayBuffer`s, and on Node 24 a full
+ * mark-compact instead. A block is taken from here, lent to the response chunk that views it, and
+ * comes back once every holder has released it (for a client write: its callback, when the bytes
+ * are with the kernel), so under a steady load the same few blocks go round.
+ *
+ * Safety rule: a block is reused only after its count of holders fell to zero; a holder that never
+ * releases (a chunk kept by a stream whose write callback is not relied on, a write that never
+ * completes) only keeps the block out of the free list, and the garbage collector frees it as it
+ * freed every read buffer before. Releasing twice is the one misuse that would let a block be
+ * overwritten while in use; each release function is called once by construction (a write
+ * callback).
+ */
+
+/** Bytes of the largest block: the largest upstream read. */
+export const READ_BLOCK_SIZE = 256 * 1024;
+
+/** Bytes of the smallest block. */
+export const MIN_READ_BLOCK_SIZE = 64 * 1024;
+
+/**
+ * Most free blocks kept per size (64, 128 and 256 KiB: 7 MiB in all); a block released when its
+ * list is full is left to the GC.
+ */
+export const MAX_FREE_BLOCKS = 16;
+
+/** One block and its count of holders. */
+export class ReadBlock {
+  readonly buffer: Buffer;
+  /** Holders: the read that fills it, then each chunk handed on that views it. */
+  private holders = 0;
+
+  constructor(private readonly freeList: ReadBlock[], size: number) {
+    this.buffer = Buffer.allocUnsafeSlow(size);
+  }
+
+  /** Releases one hold; at zero the block returns to its free list. Bound once per block. */
+  readonly release = (): void => {
+    if (--this.holders !== 0) return;
+    if (this.freeList.length < MAX_FREE_BLOCKS) this.freeList.push(this);
+  };
+
+  /** Adds a hold. @returns the function that releases it (call it once). */
+  retain(): () => void {
+    this.holders++;
+    return this.release;
+  }
+}
+
+/** Free blocks of 64, 128 and 256 KiB. */
+const freeLists: ReadBlock[][] = [[], [], []];
+/** A block was taken since the last {@link trimReadBlocks}. */
+let takenSinceTrim = false;
+/** Blocks allocated since the process started. */
+let made = 0;
+
+/**
+ * A block for a read of `size` bytes, with one hold (the caller's read): of the smallest size of
+ * 64, 128 and 256 KiB that holds `size` (256 KiB for more), a free one when there is, else new.
+ * Blocks come in sizes so that a read that fills half its block is handed on without a copy and
+ * still holds at most twice its bytes while it waits in a slow client's queue.
+ */
+export function takeReadBlock(size: number): ReadBlock {
+  takenSinceTrim = true;
+  const index = size <= MIN_READ_BLOCK_SIZE ? 0 : size <= 2 * MIN_READ_BLOCK_SIZE ? 1 : 2;
+  const list = freeLists[index]!;
+  let block = list.pop();
+  if (block === undefined) {
+    block = new ReadBlock(list, MIN_READ_BLOCK_SIZE << index);
+    made++;
+  }
+  block.retain();
+  return block;
+}
+
+/**
+ * Drops the free blocks when none was taken since the last call, so a burst of large bodies does
+ * not hold them for the life of the process. Called every 10 s by the upstream pool's timer, and
+ * when the last upstream connection closes (`all` true).
+ */
+export function trimReadBlocks(all = false): void {
+  if (all || !takenSinceTrim) for (const list of freeLists) list.length = 0;
+  takenSinceTrim = false;
+}
+
+/** Blocks allocated since the process started, and free now (every size; for tests). */
+export function readBlockStats(): { made: number; free: number } {
+  return { made, free: freeLists[0]!.length + freeLists[1]!.length + freeLists[2]!.length };
+}
