@@ -361,13 +361,19 @@ export class UpstreamConnection implements ResponseSink {
   /** The pool was told the connection closed. */
   private forgotten = false;
   /**
-   * Size of this connection's next read into a read block (bytes), from its last read: MAX_READ
+   * Size of the next read block this connection takes (bytes), from its last read: MAX_READ
    * after a read that filled its buffer, 0 after one that did not fill the shared buffer's worth
    * (the next read goes to the shared buffer), else twice the last read, at least LARGE_READ.
    */
   private readSize = MAX_READ;
-  /** The block given to the socket for its next read; null when that is the shared buffer. */
+  /**
+   * The read block this connection reads a large body into, from `readOffset` on (the bytes
+   * before it were handed on as chunks that view the block); the connection holds it until too
+   * little is left in it or the body ends. Null when it has none.
+   */
   private readBlock: ReadBlock | null = null;
+  /** Bytes of `readBlock` handed on so far. */
+  private readOffset = 0;
   /** The block the body chunk being delivered views (see {@link UpstreamCall.hold}); else null. */
   delivering: ReadBlock | null = null;
 
@@ -544,49 +550,56 @@ export class UpstreamConnection implements ResponseSink {
 
   /**
    * A read of a plain socket (its `onread` callback), into `buffer`: the shared buffer is read into
-   * again by the next read of any connection, so what it holds is copied out; a read block
-   * (`readBlock`) is handed on as it is when the read half filled it (the handler may hold it, see
-   * {@link UpstreamCall.hold}; the read's own hold ends when the bytes are delivered), else copied
-   * out too. Sets the size of the next read (`readSize`).
+   * again by the next read of any connection, so what it holds is copied out. A read into the rest
+   * of the connection's read block is handed on as a view of the block, and the next read goes on
+   * after it (the handler may hold the view, see {@link UpstreamCall.hold}); a read under 16 KiB
+   * there is copied out instead, so a small chunk waiting in a slow client's queue does not keep a
+   * block of up to 256 KiB, and its bytes are read into again. Sets the size of the next read
+   * (`readSize`).
    * @returns false to stop reading (the handler paused the response).
    */
   readInto(nread: number, buffer: Buffer): boolean {
     const block = this.readBlock;
-    this.readBlock = null;
     let data: Buffer;
-    if (block !== null && nread * 2 >= buffer.length) {
+    if (block !== null && buffer.buffer === block.buffer.buffer && nread >= SMALL_READ) {
       data = nread === buffer.length ? buffer : buffer.subarray(0, nread);
+      this.readOffset = buffer.byteOffset - block.buffer.byteOffset + nread;
       this.delivering = block;
     } else {
-      // The shared buffer, or a read block the read did not half fill: a chunk waiting in a slow
-      // client's queue must not hold a block several times its size.
       data = Buffer.allocUnsafe(nread);
       buffer.copy(data, 0, 0, nread);
-      block?.release();
     }
     this.readSize = nread === buffer.length ? MAX_READ // more is likely waiting
-      : nread < sharedReadBuffer.length ? 0 : Math.min(MAX_READ, Math.max(LARGE_READ, nread * 2));
+      : nread < SMALL_READ ? 0 : Math.min(MAX_READ, Math.max(LARGE_READ, nread * 2));
     this.received(data);
-    if (this.delivering !== null) {
-      this.delivering = null;
-      block!.release();
-    }
+    this.delivering = null;
     return this.phase !== Phase.Paused;
   }
 
-  /** The buffer for this connection's next read (see {@link onSocketRead}). */
+  /**
+   * The buffer for this connection's next read (see {@link onSocketRead}): while at least
+   * LARGE_READ of a body is to come, the rest of the read block (a new block, sized from
+   * `readSize` and the body left, when less than BLOCK_REST is left in it); else the shared buffer.
+   */
   readBuffer(): Buffer {
-    // Node asks once after each read; a block given before and not read into goes back.
+    if (this.phase === Phase.Body && this.readSize !== 0) {
+      const left = this.parser.bodyLeft;
+      if (left >= LARGE_READ) {
+        let block = this.readBlock;
+        if (block === null || block.buffer.length - this.readOffset < BLOCK_REST) {
+          block?.release(); // this connection's hold; the chunks that view it keep theirs
+          block = takeReadBlock(Math.min(left, this.readSize));
+          this.readBlock = block;
+          this.readOffset = 0;
+        }
+        return this.readOffset === 0 ? block.buffer : block.buffer.subarray(this.readOffset);
+      }
+    }
     this.releaseReadBlock();
-    if (this.phase !== Phase.Body || this.readSize === 0) return sharedReadBuffer;
-    const left = this.parser.bodyLeft;
-    if (left < LARGE_READ) return sharedReadBuffer;
-    const block = takeReadBlock(Math.min(left, this.readSize));
-    this.readBlock = block;
-    return block.buffer;
+    return sharedReadBuffer;
   }
 
-  /** Gives back the block lent for the next read, if any (the socket no longer reads into it). */
+  /** Gives back this connection's hold on its read block, if any (the body ended or the socket closed). */
   private releaseReadBlock(): void {
     const block = this.readBlock;
     if (block === null) return;
@@ -777,10 +790,10 @@ function onSocketData(this: Socket, data: Buffer): void {
 /**
  * Plain upstream sockets read through `onread` (no `Readable` buffering, no 'data' event), into
  * the buffer `UpstreamConnection.readBuffer` gives before each read: while a large body is known
- * to follow and the last read brought at least the shared buffer's size, a read block taken from
- * `read-blocks.ts` (see `readSize`; handed on without a copy when the read half fills it, and
- * reused once the client write that carried it is done); otherwise one buffer shared by every
- * connection, whose bytes are copied out at once. Reads are synchronous with their callback on the
+ * to follow and the last read brought at least the shared buffer's size, the rest of the
+ * connection's read block (`read-blocks.ts`; each read of 16 KiB or more handed on as a view
+ * without a copy, the block reused once every client write that carried a part of it is done);
+ * otherwise one buffer shared by every connection, whose bytes are copied out at once. Reads are synchronous with their callback on the
  * one event-loop thread, so no two connections ever fill the shared buffer at the same time, and an
  * idle connection holds no buffer of its own (Node's own read path allocates 64 KiB per read and
  * shrinks it with a copy).
@@ -794,6 +807,10 @@ function onSocketRead(this: Socket, nread: number, buffer: Buffer): boolean {
 const sharedReadBuffer = Buffer.allocUnsafeSlow(16 * 1024);
 /** A body with at least this much to come is read into a read block (bytes). */
 const LARGE_READ = 64 * 1024;
+/** A read under this size is copied out of a read block, not handed on as a view (bytes). */
+const SMALL_READ = 16 * 1024;
+/** A read block with less than this left after the chunks handed on is replaced (bytes). */
+const BLOCK_REST = 32 * 1024;
 /** Largest read (bytes): a whole read block. */
 const MAX_READ = READ_BLOCK_SIZE;
 

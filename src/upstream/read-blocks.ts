@@ -2,13 +2,18 @@
  * Reusable read buffers for large upstream bodies, shared by every upstream connection of the
  * process.
  *
- * Why: a plain upstream socket reads a large body into a buffer of its own, which is handed on to
- * the client without a copy (`http1-pool.ts`, `readInto`). Allocating that buffer for every read
- * (256 KiB at a time, over a gigabyte a second at 5 000 responses of 256 KiB) makes V8 collect for
- * the external memory alone: a scavenge every ~30 MB of new `ArrayBuffer`s, and on Node 24 a full
- * mark-compact instead. A block is taken from here, lent to the response chunk that views it, and
- * comes back once every holder has released it (for a client write: its callback, when the bytes
- * are with the kernel), so under a steady load the same few blocks go round.
+ * Why: a plain upstream socket reads a large body into memory that is handed on to the client
+ * without a copy (`http1-pool.ts`, `readInto`). Allocating a buffer for every read (up to 256 KiB,
+ * over a gigabyte a second at 5 000 responses of 256 KiB) makes V8 collect for the external memory
+ * alone: a scavenge every ~30 MB of new `ArrayBuffer`s, and on Node 24 a full mark-compact instead.
+ * A connection takes a block from here and reads into it read after read, each read handed on as
+ * a chunk that views its part; the block comes back once the connection and every chunk have
+ * released it (a chunk written to a client: from the write's callback, when the bytes are with the
+ * kernel), so under a steady load the same few blocks go round.
+ *
+ * Memory: a slow client's queue (at most `RESPONSE_BUFFER`, 256 KiB, before the upstream is
+ * paused, `proxy/forward.ts`) holds chunks of consecutive reads, so it keeps its bytes plus the
+ * unread rest of at most two blocks: under 768 KiB per slow connection.
  *
  * Safety rule: a block is reused only after its count of holders fell to zero; a holder that never
  * releases (a chunk kept by a stream whose write callback is not relied on, a write that never
@@ -61,10 +66,9 @@ let takenSinceTrim = false;
 let made = 0;
 
 /**
- * A block for a read of `size` bytes, with one hold (the caller's read): of the smallest size of
- * 64, 128 and 256 KiB that holds `size` (256 KiB for more), a free one when there is, else new.
- * Blocks come in sizes so that a read that fills half its block is handed on without a copy and
- * still holds at most twice its bytes while it waits in a slow client's queue.
+ * A block for reads of up to `size` bytes, with one hold (the caller's, its connection): of the
+ * smallest size of 64, 128 and 256 KiB that holds `size` (256 KiB for more), a free one when there
+ * is, else new. Sizes keep a body shorter than 256 KiB from holding a block several times its size.
  */
 export function takeReadBlock(size: number): ReadBlock {
   takenSinceTrim = true;
