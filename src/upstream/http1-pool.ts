@@ -578,8 +578,9 @@ export class UpstreamConnection implements ResponseSink {
 
   /**
    * The buffer for this connection's next read (see {@link onSocketRead}): while at least
-   * LARGE_READ of a body is to come, the rest of the read block (a new block, sized from
-   * `readSize` and the body left, when less than BLOCK_REST is left in it); else the shared buffer.
+   * LARGE_READ of a body is to come, the next BODY_READ bytes of the read block (a new block, sized
+   * from `readSize` and the body left, when less than BLOCK_REST is left in it); else the shared
+   * buffer.
    */
   readBuffer(): Buffer {
     if (this.phase === Phase.Body && this.readSize !== 0) {
@@ -592,7 +593,7 @@ export class UpstreamConnection implements ResponseSink {
           this.readBlock = block;
           this.readOffset = 0;
         }
-        return this.readOffset === 0 ? block.buffer : block.buffer.subarray(this.readOffset);
+        return block.buffer.subarray(this.readOffset, this.readOffset + BODY_READ);
       }
     }
     this.releaseReadBlock();
@@ -811,6 +812,14 @@ const LARGE_READ = 64 * 1024;
 const SMALL_READ = 16 * 1024;
 /** A read block with less than this left after the chunks handed on is replaced (bytes). */
 const BLOCK_REST = 32 * 1024;
+/**
+ * Most bytes one read of a large body takes (Caddy's copy buffer is as large). Measured with
+ * 256 KiB bodies (bench/README.md, 2026-12-03, "read blocks"): reads of up to 256 KiB drained the
+ * socket at once and left the proxy waiting for the next segment, and the backend on the other
+ * core then spent 100–110 µs per response against 45–70 µs with 32 KiB reads (64 KiB did not
+ * help); the proxy spends ~15 µs more for the extra reads.
+ */
+const BODY_READ = 32 * 1024;
 /** Largest read (bytes): a whole read block. */
 const MAX_READ = READ_BLOCK_SIZE;
 
