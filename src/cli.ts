@@ -15,6 +15,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import type { GatehouseConfig } from './config/schema.js';
 import type { Gatehouse } from './gatehouse.js';
+import { tuneHeapGrowth } from './heap.js';
 import { reexecWithMallocTuning } from './malloc.js';
 
 const USAGE = `Usage:
@@ -85,6 +86,9 @@ async function main(argv: string[]): Promise<number> {
   } catch (error) {
     process.stderr.write(`gatehouse: could not restart with GLIBC_TUNABLES, going on without: ${(error as Error).message}\n`);
   }
+  // A fixed old-generation growing factor: V8's slow growth after its memory reducer ran can keep
+  // a busy proxy in back-to-back mark-compacts (src/heap.ts).
+  tuneHeapGrowth();
   const { ConfigError, EMBEDDED_DEFAULT_PATH, loadConfigFile } = await import('./config/load.js');
   const { quickConfig } = await import('./config/quick.js');
   const { Gatehouse } = await import('./gatehouse.js');
