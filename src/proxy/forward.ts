@@ -363,7 +363,7 @@ class ProxyExchange implements ForwardOutcome, UpstreamHandler {
     // left to the garbage collector there (as every read buffer was before blocks).
     const release = this.call!.hold();
     // Keep reading while less than RESPONSE_BUFFER is queued for the client, though write() says
-    // false past the socket's 16 KiB mark: pausing the upstream for each 64 KiB chunk costs a
+    // false past the socket's 16 KiB mark: pausing the upstream for each 32 KiB chunk costs a
     // readStop/readStart pair and an event-loop turn per chunk on large bodies.
     const queued = release === null || this.http2 ? res.write(chunk) : (res as ServerResponse).write(chunk, release);
     if (queued || res.writableLength < RESPONSE_BUFFER) return true;

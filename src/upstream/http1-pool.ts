@@ -68,7 +68,7 @@ export interface UpstreamHandler {
    * A body chunk: a view, valid during the call only, unless the handler calls `call.hold()` in
    * it (then until the function that returns is called; a large read's block is reused after).
    * @returns false to stop reading from the upstream until `call.resume()`; what the read in hand
-   *   still holds (at most one socket read, 256 KiB) is delivered, and the response may complete.
+   *   still holds (at most one socket read: 32 KiB) is delivered, and the response may complete.
    */
   onData(chunk: Buffer): boolean;
   /** The response ended; `trailers` `[name, value, ...]` or null. */
@@ -794,10 +794,10 @@ function onSocketData(this: Socket, data: Buffer): void {
  * to follow and the last read brought at least the shared buffer's size, the rest of the
  * connection's read block (`read-blocks.ts`; each read of 16 KiB or more handed on as a view
  * without a copy, the block reused once every client write that carried a part of it is done);
- * otherwise one buffer shared by every connection, whose bytes are copied out at once. Reads are synchronous with their callback on the
- * one event-loop thread, so no two connections ever fill the shared buffer at the same time, and an
- * idle connection holds no buffer of its own (Node's own read path allocates 64 KiB per read and
- * shrinks it with a copy).
+ * otherwise one buffer shared by every connection, whose bytes are copied out at once. Reads are
+ * synchronous with their callback on the one event-loop thread, so no two connections ever fill
+ * the shared buffer at the same time, and an idle connection holds no buffer of its own (Node's
+ * own read path allocates 64 KiB per read and shrinks it with a copy).
  */
 function onSocketRead(this: Socket, nread: number, buffer: Buffer): boolean {
   const connection = carried(this);
@@ -820,7 +820,7 @@ const BLOCK_REST = 32 * 1024;
  * help); the proxy spends ~15 µs more for the extra reads.
  */
 const BODY_READ = 32 * 1024;
-/** Largest read (bytes): a whole read block. */
+/** Largest read block a connection takes (bytes). */
 const MAX_READ = READ_BLOCK_SIZE;
 
 function onSocketEnd(this: Socket): void {
