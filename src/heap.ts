@@ -34,7 +34,9 @@ export function heapGrowingFlag(execArgv: readonly string[]): string | undefined
 
 /**
  * Sets {@link HEAP_GROWING_PERCENT} with `v8.setFlagsFromString`, unless the operator set it.
- * Called once by `gatehouse run` (and by each worker), before serving.
+ * Called once by `gatehouse run` (and by each worker), before serving. Throws nothing: V8 prints
+ * an error and changes nothing for a flag it does not know (`test/heap.test.ts` checks it knows it).
+ * @param execArgv Node's own arguments; default `process.execArgv`.
  * @returns true when the flag was set here.
  */
 export function tuneHeapGrowth(execArgv: readonly string[] = process.execArgv): boolean {

@@ -23,7 +23,7 @@
  * callback).
  */
 
-/** Bytes of the largest block: the largest upstream read. */
+/** Bytes of the largest block (a connection reads into it 32 KiB at a time, `http1-pool.ts`). */
 export const READ_BLOCK_SIZE = 256 * 1024;
 
 /** Bytes of the smallest block. */
@@ -38,7 +38,7 @@ export const MAX_FREE_BLOCKS = 16;
 /** One block and its count of holders. */
 export class ReadBlock {
   readonly buffer: Buffer;
-  /** Holders: the read that fills it, then each chunk handed on that views it. */
+  /** Holders: the connection that reads into it, and each chunk handed on that views it. */
   private holders = 0;
 
   constructor(private readonly freeList: ReadBlock[], size: number) {
