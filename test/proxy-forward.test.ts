@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { once } from 'node:events';
+import { EventEmitter, once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import http2 from 'node:http2';
@@ -55,6 +55,8 @@ interface Harness {
   plainUrl: string;
   tlsUrl: string;
   ca: string;
+  /** Called with each inbound connection (server side) as it is accepted, when set. */
+  onConnection?: (socket: import('node:net').Socket) => void;
   close(): Promise<void>;
 }
 
@@ -79,6 +81,7 @@ async function startHarness(route: Route): Promise<Harness> {
     server.on('connection', (s: import('node:net').Socket) => {
       sockets.add(s);
       s.on('close', () => sockets.delete(s));
+      harness.onConnection?.(s);
     });
     server.listen(0, '127.0.0.1');
     await once(server, 'listening');
@@ -419,6 +422,78 @@ describe('forward', () => {
       assert.ok(readBlockStats().free > 0, 'released blocks wait in the free list');
     } finally {
       await new Promise<void>((r) => seeded.close(() => r()));
+    }
+  });
+
+  test('a large body read in one turn leaves for an HTTP/1.1 client in few writes, and a streamed one as it comes', async () => {
+    const SIZE = MiB;
+    const body = Buffer.alloc(SIZE);
+    for (let i = 0; i < SIZE; i++) body[i] = (i * 7 + (i >>> 10)) & 0xff;
+    // /burst: the whole body in one write, so the proxy finds it waiting and reads it 32 KiB at a
+    // time, read after read. /lockstep: 64 KiB at a time, each only once the client has every
+    // byte sent so far; it stalls if the proxy holds chunks past the turn they were read in.
+    let clientGot = 0;
+    const progress = new EventEmitter();
+    const origin = http.createServer((req, res) => {
+      res.writeHead(200, { 'content-length': String(SIZE) });
+      if (req.url === '/burst') {
+        res.end(body);
+        return;
+      }
+      let at = 0;
+      const next = (): void => {
+        if (clientGot < at) return;
+        if (at === SIZE) {
+          progress.off('progress', next);
+          res.end();
+          return;
+        }
+        res.write(body.subarray(at, at + 65_536));
+        at += 65_536;
+      };
+      progress.on('progress', next);
+      next();
+    });
+    origin.listen(0, '127.0.0.1');
+    await once(origin, 'listening');
+    const upstream = new Upstream(`http://127.0.0.1:${(origin.address() as AddressInfo).port}`);
+    extra.push(upstream);
+    try {
+      use(upstream);
+      const get = (path: string): Promise<Buffer> => new Promise((resolve, reject) => {
+        const req = http.request(`${harness.plainUrl}${path}`, { agent: false }, (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (chunk: Buffer) => {
+            chunks.push(chunk);
+            clientGot += chunk.length;
+            progress.emit('progress');
+          });
+          res.on('end', () => resolve(Buffer.concat(chunks)));
+          res.on('error', reject);
+        });
+        req.on('error', reject);
+        req.end();
+      });
+
+      // Count the writes of the proxy's client socket (the stream implementer's _write/_writev).
+      let writes = 0;
+      harness.onConnection = (socket) => {
+        const plainWrite = socket._write.bind(socket);
+        const plainWritev = socket._writev!.bind(socket);
+        socket._write = (chunk, encoding, callback) => { writes++; plainWrite(chunk, encoding, callback); };
+        socket._writev = (chunks, callback) => { writes++; plainWritev(chunks, callback); };
+      };
+      const burst = await within(get('/burst'), 10_000, 'the burst download').finally(() => { harness.onConnection = undefined; });
+      assert.equal(sha256(burst), sha256(body), 'the burst body arrives whole and in order');
+      // The proxy reads 1 MiB in at least 32 reads of at most 32 KiB, each its own callback: with
+      // one write per read that is 32 writes or more (38 seen). Coalesced per turn: 8-20 seen.
+      assert.ok(writes > 0 && writes < 32, `${writes} writes to the client for 1 MiB read in at least 32 reads`);
+
+      clientGot = 0;
+      const streamed = await within(get('/lockstep'), 10_000, 'the lockstep download (chunks held back?)');
+      assert.equal(sha256(streamed), sha256(body), 'the streamed body arrives whole and in order');
+    } finally {
+      await new Promise<void>((r) => origin.close(() => r()));
     }
   });
 

@@ -21,6 +21,7 @@
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { constants as http2Constants, sensitiveHeaders as http2SensitiveHeaders, type Http2ServerRequest, type Http2ServerResponse, type ServerHttp2Stream } from 'node:http2';
+import type { Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import type { TimeoutsConfig } from '../config/schema.js';
 import type { SelectionContext } from '../upstream/balancer.js';
@@ -362,6 +363,9 @@ class ProxyExchange implements ForwardOutcome, UpstreamHandler {
     // Node does not document when its stream write callbacks run against that, so the block is
     // left to the garbage collector there (as every read buffer was before blocks).
     const release = this.call!.hold();
+    // The chunks of a large body read in this event-loop turn go to an HTTP/1.1 client in one
+    // writev (HTTP/2 sessions already send their DATA frames once per turn).
+    if (release !== null && !this.http2) corkForTurn((res as ServerResponse).socket);
     // Keep reading while less than RESPONSE_BUFFER is queued for the client, though write() says
     // false past the socket's 16 KiB mark: pausing the upstream for each 32 KiB chunk costs a
     // readStop/readStart pair and an event-loop turn per chunk on large bodies.
@@ -698,3 +702,33 @@ function onSourceClose(this: BodyCarrier & Readable): void {
 }
 
 function ignoreError(): void {}
+
+/** Client sockets {@link corkForTurn} corked in this event-loop turn. */
+const corkedThisTurn = new Set<Socket>();
+
+/**
+ * Corks an HTTP/1.1 client socket until the end of this event-loop turn (the check phase, after
+ * every read of the poll phase), so the chunks of a large body that libuv reads one after another
+ * (it reads a socket again while each read fills its buffer, here 32 KiB) leave in one `writev`
+ * instead of one `write` each. The reads stay small (the backend's sake, see `BODY_READ` in
+ * `http1-pool.ts`); the client gets fewer, larger segments and fewer wake-ups. Measured with
+ * 256 KiB bodies (bench/README.md, "coalesced writes"): ~1.5 writes per response instead of ~4,
+ * and 3–40% more responses per second in six alternating pairs.
+ *
+ * Nothing waits past the turn: every corked socket is uncorked from one `setImmediate`, and
+ * node:http's `end()` uncorks fully by itself. Bytes held meanwhile count in `writableLength`, so
+ * RESPONSE_BUFFER bounds them as before. A socket already corked this turn is left as it is.
+ * @param socket the client connection of a node:http response (null once it was detached).
+ */
+function corkForTurn(socket: Socket | null): void {
+  if (socket === null || corkedThisTurn.has(socket)) return;
+  socket.cork();
+  if (corkedThisTurn.size === 0) setImmediate(uncorkAll);
+  corkedThisTurn.add(socket);
+}
+
+/** Uncorks every socket {@link corkForTurn} corked in the turn that is ending (destroyed ones too: harmless). */
+function uncorkAll(): void {
+  for (const socket of corkedThisTurn) socket.uncork();
+  corkedThisTurn.clear();
+}
