@@ -362,10 +362,11 @@ export class UpstreamConnection implements ResponseSink {
   private forgotten = false;
   /**
    * Size of the next read block this connection takes (bytes), from its last read: MAX_READ
-   * after a read that filled its buffer, 0 after one that did not fill the shared buffer's worth
-   * (the next read goes to the shared buffer), else twice the last read, at least LARGE_READ.
+   * after a read that filled its buffer, else twice the last read, at least LARGE_READ.
    */
   private readSize = MAX_READ;
+  /** Reads in a row that brought under SMALL_READ: from TRICKLE on, the body is read into the shared buffer. */
+  private smallReads = 0;
   /**
    * The read block this connection reads a large body into, from `readOffset` on (the bytes
    * before it were handed on as chunks that view the block); the connection holds it until too
@@ -374,6 +375,10 @@ export class UpstreamConnection implements ResponseSink {
   private readBlock: ReadBlock | null = null;
   /** Bytes of `readBlock` handed on so far. */
   private readOffset = 0;
+  /** The body being read went (in part) into a read block. */
+  private bodyLarge = false;
+  /** The last response's body went into a read block: the next head is read into one too. */
+  private lastLarge = false;
   /** The block the body chunk being delivered views (see {@link UpstreamCall.hold}); else null. */
   delivering: ReadBlock | null = null;
 
@@ -554,50 +559,75 @@ export class UpstreamConnection implements ResponseSink {
    * of the connection's read block is handed on as a view of the block, and the next read goes on
    * after it (the handler may hold the view, see {@link UpstreamCall.hold}); a read under 16 KiB
    * there is copied out instead, so a small chunk waiting in a slow client's queue does not keep a
-   * block of up to 256 KiB, and its bytes are read into again. Sets the size of the next read
-   * (`readSize`).
+   * block of up to 256 KiB, and its bytes are read into again. Sets the size of the next block
+   * (`readSize`) and counts small reads (`smallReads`).
    * @returns false to stop reading (the handler paused the response).
    */
   readInto(nread: number, buffer: Buffer): boolean {
-    const block = this.readBlock;
+    let block = this.readBlock;
     let data: Buffer;
     if (block !== null && buffer.buffer === block.buffer.buffer && nread >= SMALL_READ) {
       data = nread === buffer.length ? buffer : buffer.subarray(0, nread);
       this.readOffset = buffer.byteOffset - block.buffer.byteOffset + nread;
+      this.delivering = block;
+    } else if (nread >= SMALL_READ && this.lastLarge && this.phase === Phase.AwaitingHead) {
+      // The head of a response, read into the shared buffer (Node asks for the next read's buffer
+      // right after a read: the connection was idle then), on a connection whose last body was
+      // read into a block: likely a large body again, whose first bytes go into a block too
+      // rather than into a new buffer of their own.
+      if (block === null || block.buffer.length - this.readOffset < BLOCK_REST) block = this.newReadBlock(MAX_READ);
+      buffer.copy(block.buffer, this.readOffset, 0, nread);
+      data = block.buffer.subarray(this.readOffset, this.readOffset + nread);
+      this.readOffset += nread;
       this.delivering = block;
     } else {
       data = Buffer.allocUnsafe(nread);
       buffer.copy(data, 0, 0, nread);
     }
     this.readSize = nread === buffer.length ? MAX_READ // more is likely waiting
-      : nread < SMALL_READ ? 0 : Math.min(MAX_READ, Math.max(LARGE_READ, nread * 2));
+      : Math.min(MAX_READ, Math.max(LARGE_READ, nread * 2));
+    this.smallReads = nread < SMALL_READ ? this.smallReads + 1 : 0;
     this.received(data);
     this.delivering = null;
     return this.phase !== Phase.Paused;
   }
 
   /**
-   * The buffer for this connection's next read (see {@link onSocketRead}): while at least
-   * LARGE_READ of a body is to come, the next BODY_READ bytes of the read block (a new block, sized
-   * from `readSize` and the body left, when less than BLOCK_REST is left in it); else the shared
-   * buffer.
+   * The buffer for this connection's next read (see {@link onSocketRead}): while a body is read,
+   * BODY_READ bytes of the connection's read block, while it has at least BLOCK_REST left; else
+   * of a new block (sized from `readSize` and the body left) when at least LARGE_READ of the body
+   * is to come, or SMALL_READ once the body went into a block (its tail is handed on as views
+   * too). Node asks for this buffer right after each read, so the head of the next response is
+   * always read into the shared buffer (an idle connection holds no block); {@link readInto} says
+   * where its bytes go.
+   *
+   * Else the shared buffer, and the block, if any, is given back; so too once TRICKLE reads in a
+   * row brought under SMALL_READ each (an upstream that trickles keeps no block).
    */
   readBuffer(): Buffer {
-    if (this.phase === Phase.Body && this.readSize !== 0) {
-      const left = this.parser.bodyLeft;
-      if (left >= LARGE_READ) {
-        let block = this.readBlock;
-        if (block === null || block.buffer.length - this.readOffset < BLOCK_REST) {
-          block?.release(); // this connection's hold; the chunks that view it keep theirs
-          block = takeReadBlock(Math.min(left, this.readSize));
-          this.readBlock = block;
-          this.readOffset = 0;
-        }
+    let block = this.readBlock;
+    const room = block === null ? 0 : block.buffer.length - this.readOffset;
+    if (this.phase === Phase.Body && this.smallReads < TRICKLE) {
+      if (room < BLOCK_REST) {
+        const left = this.parser.bodyLeft;
+        block = left >= LARGE_READ || (this.bodyLarge && left >= SMALL_READ) ? this.newReadBlock(Math.min(left, this.readSize)) : null;
+      }
+      if (block !== null) {
+        this.bodyLarge = true;
         return block.buffer.subarray(this.readOffset, this.readOffset + BODY_READ);
       }
     }
     this.releaseReadBlock();
     return sharedReadBuffer;
+  }
+
+  /** A new read block of at least `size` bytes for this connection; its hold on the old one is given back. */
+  private newReadBlock(size: number): ReadBlock {
+    this.readBlock?.release(); // the chunks that view the old block keep their holds
+    const block = takeReadBlock(size);
+    this.readBlock = block;
+    this.readOffset = 0;
+    return block;
   }
 
   /** Gives back this connection's hold on its read block, if any (the body ended or the socket closed). */
@@ -655,6 +685,10 @@ export class UpstreamConnection implements ResponseSink {
     const call = this.call;
     if (call === null) return;
     this.completed = false;
+    // An idle connection holds no block (the chunks handed on keep theirs).
+    this.lastLarge = this.bodyLarge;
+    this.bodyLarge = false;
+    this.releaseReadBlock();
     this.call = null;
     call.done = true;
     call.connection = null;
@@ -810,6 +844,8 @@ const sharedReadBuffer = Buffer.allocUnsafeSlow(16 * 1024);
 const LARGE_READ = 64 * 1024;
 /** A read under this size is copied out of a read block, not handed on as a view (bytes). */
 const SMALL_READ = 16 * 1024;
+/** Reads under SMALL_READ in a row after which a body is read into the shared buffer. */
+const TRICKLE = 2;
 /** A read block with less than this left after the chunks handed on is replaced (bytes). */
 const BLOCK_REST = 32 * 1024;
 /**
