@@ -3,10 +3,10 @@
  * whose handler forwards to real upstreams; real clients (node:http, undici, node:http2).
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { EventEmitter, once } from 'node:events';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import http2 from 'node:http2';
 import https from 'node:https';
@@ -349,7 +349,7 @@ describe('forward', () => {
   // Large reads land in read blocks that are reused once the client write that carried them is
   // done (src/upstream/read-blocks.ts). Every body here has bytes of its own (a seed), so a block
   // reused while a slow client's queue still held it would show as another body's bytes.
-  test('large bodies through reused read blocks arrive intact: distinct bodies, slow and fast clients, HTTP/1.1 plain and TLS, HTTP/2', async () => {
+  test('large bodies through reused read blocks arrive intact: distinct bodies, slow and fast clients, HTTP/1.1 plain and TLS, HTTP/2 (curl reading slowly too)', async () => {
     const SIZE = MiB;
     const bodyOf = (seed: number): Buffer => {
       const body = Buffer.allocUnsafe(SIZE);
@@ -378,6 +378,7 @@ describe('forward', () => {
     await once(seeded, 'listening');
     const upstream = new Upstream(`http://127.0.0.1:${(seeded.address() as AddressInfo).port}`);
     extra.push(upstream);
+    const caDir = mkdtempSync(join(tmpdir(), 'gh-proxy-ca-'));
     try {
       use(upstream);
       /** GET over HTTP/1.1 (plain or TLS); a slow client waits 20 ms after each chunk it reads. */
@@ -404,6 +405,19 @@ describe('forward', () => {
       for (let seed = 17; seed <= 20; seed++) {
         downloads.push({ seed, body: h2(session, { ':path': `/seeded/${seed}` }).then((answer) => answer.body) });
       }
+      // HTTP/2 clients that read their socket slowly (curl --limit-rate): the proxy's session
+      // writes wait on the kernel while the other downloads take and give back blocks.
+      const caFile = join(caDir, 'ca.pem');
+      writeFileSync(caFile, harness.ca);
+      for (let seed = 21; seed <= 22; seed++) {
+        downloads.push({
+          seed,
+          body: new Promise<Buffer>((resolve, reject) => {
+            execFile('curl', ['-sS', '--http2', '--cacert', caFile, '--limit-rate', '3M', '-o', '-', `${harness.tlsUrl}/seeded/${seed}`],
+              { encoding: 'buffer', maxBuffer: 4 * SIZE, timeout: 20_000 }, (error, stdout) => (error ? reject(error) : resolve(stdout)));
+          }),
+        });
+      }
       for (const { seed, body } of downloads) {
         const got = await within(body, 20_000, `download ${seed}`);
         assert.equal(got.length, SIZE, `body ${seed} length`);
@@ -420,8 +434,18 @@ describe('forward', () => {
       const made = readBlockStats().made - before;
       assert.ok(made < 16, `${made} read blocks made for 16 bodies of 1 MiB (at least 512 large reads): not reused`);
       assert.ok(readBlockStats().free > 0, 'released blocks wait in the free list');
+
+      // HTTP/2 streams give their blocks back too (from the stream write's callback).
+      const beforeH2 = readBlockStats().made;
+      for (let round = 0; round < 4; round++) {
+        const bodies = await Promise.all([1, 2, 3, 4].map((seed) => h2(session, { ':path': `/seeded/${seed}` }).then((answer) => answer.body)));
+        for (const [i, got] of bodies.entries()) assert.equal(sha256(got), sha256(bodyOf(i + 1)), `HTTP/2 round ${round}, body ${i + 1}`);
+      }
+      const madeH2 = readBlockStats().made - beforeH2;
+      assert.ok(madeH2 < 16, `${madeH2} read blocks made for 16 bodies of 1 MiB over HTTP/2: not reused`);
     } finally {
       await new Promise<void>((r) => seeded.close(() => r()));
+      rmSync(caDir, { recursive: true, force: true });
     }
   });
 

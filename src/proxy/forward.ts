@@ -357,11 +357,12 @@ class ProxyExchange implements ForwardOutcome, UpstreamHandler {
     this.bytesOut += chunk.length;
     if (this.clientGone) return true;
     const res = this.direct ?? this.res as ServerResponse;
-    // A chunk of a large read views a read block that is reused once released (call.hold()):
-    // HTTP/1.1 gives it back from the write's callback, which node:http calls once the bytes are
-    // with the kernel. HTTP/2 keeps the hold: nghttp2 sends DATA from the chunk's memory, and
-    // Node does not document when its stream write callbacks run against that, so the block is
-    // left to the garbage collector there (as every read buffer was before blocks).
+    // A chunk of a large read views a read block that is reused once released (call.hold()),
+    // from the write's callback: node:http calls it once the bytes are with the kernel; an
+    // HTTP/2 stream once its session wrote the DATA frames that carry them to the socket (Node's
+    // Http2Session completes a stream's write request after the socket write of the frames sent
+    // from its memory). A failed write (the stream or socket destroyed; a native write may still
+    // read the memory) keeps its hold: the block is then left to the garbage collector.
     const release = this.call!.hold();
     // The chunks of a large body read in this event-loop turn go to an HTTP/1.1 client in one
     // writev (HTTP/2 sessions already send their DATA frames once per turn).
@@ -369,7 +370,7 @@ class ProxyExchange implements ForwardOutcome, UpstreamHandler {
     // Keep reading while less than RESPONSE_BUFFER is queued for the client, though write() says
     // false past the socket's 16 KiB mark: pausing the upstream for each 32 KiB chunk costs a
     // readStop/readStart pair and an event-loop turn per chunk on large bodies.
-    const queued = release === null || this.http2 ? res.write(chunk) : (res as ServerResponse).write(chunk, release);
+    const queued = release === null ? res.write(chunk) : res.write(chunk, release);
     if (queued || res.writableLength < RESPONSE_BUFFER) return true;
     if (!this.drainListening) {
       this.drainListening = true;

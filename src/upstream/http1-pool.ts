@@ -132,11 +132,12 @@ export class UpstreamCall {
   /**
    * Keeps the body chunk being delivered valid after `onData` returns; call it inside `onData`.
    * A large read lands in a block that is reused once every chunk viewing it was released (see
-   * `read-blocks.ts`): pass the function returned as the client write's callback. Never calling
-   * it is safe (the block is then left to the garbage collector); calling it twice is not.
+   * `read-blocks.ts`): pass the function returned as the client write's callback (called with an
+   * error, it keeps the hold). Never calling it is safe (the block is then left to the garbage
+   * collector); calling it twice without an error is not.
    * @returns the release function, or null when the chunk is a copy the handler may keep as is.
    */
-  hold(): (() => void) | null {
+  hold(): ((error?: Error | null) => void) | null {
     const block = this.connection?.delivering ?? null;
     return block === null ? null : block.retain();
   }

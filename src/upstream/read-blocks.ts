@@ -9,7 +9,8 @@
  * A connection takes a block from here and reads into it read after read, each read handed on as
  * a chunk that views its part; the block comes back once the connection and every chunk have
  * released it (a chunk written to a client: from the write's callback, when the bytes are with the
- * kernel), so under a steady load the same few blocks go round.
+ * kernel, and only when the write did not fail), so under a steady load the same few blocks go
+ * round.
  *
  * Memory: a slow client's queue (at most `RESPONSE_BUFFER`, 256 KiB, before the upstream is
  * paused, `proxy/forward.ts`) holds chunks of consecutive reads, so it keeps its bytes plus the
@@ -45,14 +46,20 @@ export class ReadBlock {
     this.buffer = Buffer.allocUnsafeSlow(size);
   }
 
-  /** Releases one hold; at zero the block returns to its free list. Bound once per block. */
-  readonly release = (): void => {
+  /**
+   * Releases one hold; at zero the block returns to its free list. Bound once per block, so it is
+   * passed as a write's callback as is: a write that failed (`error` given: the stream was
+   * destroyed, and a native write may still read the chunk's memory) keeps its hold, and the block
+   * is then left to the garbage collector.
+   */
+  readonly release = (error?: Error | null): void => {
+    if (error != null) return;
     if (--this.holders !== 0) return;
     if (this.freeList.length < MAX_FREE_BLOCKS) this.freeList.push(this);
   };
 
   /** Adds a hold. @returns the function that releases it (call it once). */
-  retain(): () => void {
+  retain(): (error?: Error | null) => void {
     this.holders++;
     return this.release;
   }
