@@ -122,6 +122,27 @@ function h1(url: string, options: { method?: string; headers?: Record<string, st
   });
 }
 
+/**
+ * GET over HTTP/1.1 (plain or TLS, by the URL's scheme) on a connection of its own, reading the
+ * body chunk by chunk: `onChunk` sees each one as it arrives (and may pause the response).
+ */
+function download(url: string, ca: string, onChunk?: (chunk: Buffer, res: http.IncomingMessage) => void): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const request = url.startsWith('https:') ? https.request : http.request;
+    const req = request(url, { agent: false, ca }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (chunk: Buffer) => {
+        chunks.push(chunk);
+        onChunk?.(chunk, res);
+      });
+      res.on('end', () => resolve(Buffer.concat(chunks)));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
 async function writeAll(stream: NodeJS.WritableStream, chunks: Iterable<Buffer>): Promise<void> {
   for (const chunk of chunks) {
     if (!stream.write(chunk)) await once(stream, 'drain');
@@ -382,23 +403,12 @@ describe('forward', () => {
     try {
       use(upstream);
       /** GET over HTTP/1.1 (plain or TLS); a slow client waits 20 ms after each chunk it reads. */
-      const get = (base: string, seed: number, slow: boolean): Promise<Buffer> => new Promise((resolve, reject) => {
-        const request = base.startsWith('https:') ? https.request : http.request;
-        const req = request(`${base}/seeded/${seed}`, { agent: false, ca: harness.ca }, (res) => {
-          const chunks: Buffer[] = [];
-          res.on('data', (chunk: Buffer) => {
-            chunks.push(chunk);
-            if (slow) {
-              res.pause();
-              setTimeout(() => res.resume(), 20);
-            }
-          });
-          res.on('end', () => resolve(Buffer.concat(chunks)));
-          res.on('error', reject);
-        });
-        req.on('error', reject);
-        req.end();
-      });
+      const get = (base: string, seed: number, slow: boolean): Promise<Buffer> => download(`${base}/seeded/${seed}`, harness.ca, slow
+        ? (_chunk, res) => {
+          res.pause();
+          setTimeout(() => res.resume(), 20);
+        }
+        : undefined);
       const downloads: { seed: number; body: Promise<Buffer> }[] = [];
       for (let seed = 1; seed <= 12; seed++) downloads.push({ seed, body: get(harness.plainUrl, seed, seed % 4 === 0) });
       for (let seed = 13; seed <= 16; seed++) downloads.push({ seed, body: get(harness.tlsUrl, seed, seed === 16) });
@@ -484,19 +494,9 @@ describe('forward', () => {
     extra.push(upstream);
     try {
       use(upstream);
-      const get = (path: string): Promise<Buffer> => new Promise((resolve, reject) => {
-        const req = http.request(`${harness.plainUrl}${path}`, { agent: false }, (res) => {
-          const chunks: Buffer[] = [];
-          res.on('data', (chunk: Buffer) => {
-            chunks.push(chunk);
-            clientGot += chunk.length;
-            progress.emit('progress');
-          });
-          res.on('end', () => resolve(Buffer.concat(chunks)));
-          res.on('error', reject);
-        });
-        req.on('error', reject);
-        req.end();
+      const get = (path: string): Promise<Buffer> => download(`${harness.plainUrl}${path}`, harness.ca, (chunk) => {
+        clientGot += chunk.length;
+        progress.emit('progress');
       });
 
       // Count the writes of the proxy's client socket (the stream implementer's _write/_writev).

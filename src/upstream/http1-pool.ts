@@ -362,10 +362,10 @@ export class UpstreamConnection implements ResponseSink {
   /** The pool was told the connection closed. */
   private forgotten = false;
   /**
-   * Size of the next read block this connection takes (bytes), from its last read: MAX_READ
+   * Size of the next read block this connection takes (bytes), from its last read: READ_BLOCK_SIZE
    * after a read that filled its buffer, else twice the last read, at least LARGE_READ.
    */
-  private readSize = MAX_READ;
+  private blockSize = READ_BLOCK_SIZE;
   /** Reads in a row that brought under SMALL_READ: from TRICKLE on, the body is read into the shared buffer. */
   private smallReads = 0;
   /**
@@ -561,7 +561,7 @@ export class UpstreamConnection implements ResponseSink {
    * after it (the handler may hold the view, see {@link UpstreamCall.hold}); a read under 16 KiB
    * there is copied out instead, so a small chunk waiting in a slow client's queue does not keep a
    * block of up to 256 KiB, and its bytes are read into again. Sets the size of the next block
-   * (`readSize`) and counts small reads (`smallReads`).
+   * (`blockSize`) and counts small reads (`smallReads`).
    * @returns false to stop reading (the handler paused the response).
    */
   readInto(nread: number, buffer: Buffer): boolean {
@@ -573,20 +573,20 @@ export class UpstreamConnection implements ResponseSink {
       this.delivering = block;
     } else if (nread >= SMALL_READ && this.lastLarge && this.phase === Phase.AwaitingHead) {
       // The head of a response, read into the shared buffer (Node asks for the next read's buffer
-      // right after a read: the connection was idle then), on a connection whose last body was
-      // read into a block: likely a large body again, whose first bytes go into a block too
-      // rather than into a new buffer of their own.
-      if (block === null || block.buffer.length - this.readOffset < BLOCK_REST) block = this.newReadBlock(MAX_READ);
-      buffer.copy(block.buffer, this.readOffset, 0, nread);
-      data = block.buffer.subarray(this.readOffset, this.readOffset + nread);
-      this.readOffset += nread;
+      // right after a read: the connection was idle then, and held no block), on a connection
+      // whose last body was read into a block: likely a large body again, whose first bytes go
+      // into a new block rather than into a new buffer of their own.
+      block = this.newReadBlock(READ_BLOCK_SIZE);
+      buffer.copy(block.buffer, 0, 0, nread);
+      data = block.buffer.subarray(0, nread);
+      this.readOffset = nread;
       this.delivering = block;
     } else {
       data = Buffer.allocUnsafe(nread);
       buffer.copy(data, 0, 0, nread);
     }
-    this.readSize = nread === buffer.length ? MAX_READ // more is likely waiting
-      : Math.min(MAX_READ, Math.max(LARGE_READ, nread * 2));
+    this.blockSize = nread === buffer.length ? READ_BLOCK_SIZE // more is likely waiting
+      : Math.min(READ_BLOCK_SIZE, Math.max(LARGE_READ, nread * 2));
     this.smallReads = nread < SMALL_READ ? this.smallReads + 1 : 0;
     this.received(data);
     this.delivering = null;
@@ -596,7 +596,7 @@ export class UpstreamConnection implements ResponseSink {
   /**
    * The buffer for this connection's next read (see {@link onSocketRead}): while a body is read,
    * BODY_READ bytes of the connection's read block, while it has at least BLOCK_REST left; else
-   * of a new block (sized from `readSize` and the body left) when at least LARGE_READ of the body
+   * of a new block (sized from `blockSize` and the body left) when at least LARGE_READ of the body
    * is to come, or SMALL_READ once the body went into a block (its tail is handed on as views
    * too). Node asks for this buffer right after each read, so the head of the next response is
    * always read into the shared buffer (an idle connection holds no block); {@link readInto} says
@@ -611,7 +611,7 @@ export class UpstreamConnection implements ResponseSink {
     if (this.phase === Phase.Body && this.smallReads < TRICKLE) {
       if (room < BLOCK_REST) {
         const left = this.parser.bodyLeft;
-        block = left >= LARGE_READ || (this.bodyLarge && left >= SMALL_READ) ? this.newReadBlock(Math.min(left, this.readSize)) : null;
+        block = left >= LARGE_READ || (this.bodyLarge && left >= SMALL_READ) ? this.newReadBlock(Math.min(left, this.blockSize)) : null;
       }
       if (block !== null) {
         this.bodyLarge = true;
@@ -825,11 +825,11 @@ function onSocketData(this: Socket, data: Buffer): void {
 
 /**
  * Plain upstream sockets read through `onread` (no `Readable` buffering, no 'data' event), into
- * the buffer `UpstreamConnection.readBuffer` gives before each read: while a large body is known
- * to follow and the last read brought at least the shared buffer's size, the rest of the
- * connection's read block (`read-blocks.ts`; each read of 16 KiB or more handed on as a view
- * without a copy, the block reused once every client write that carried a part of it is done);
- * otherwise one buffer shared by every connection, whose bytes are copied out at once. Reads are
+ * the buffer `UpstreamConnection.readBuffer` gives after each read: while a large body is read,
+ * the rest of the connection's read block (`read-blocks.ts`; each read of 16 KiB or more handed on
+ * as a view without a copy, the block reused once every client write that carried a part of it is
+ * done); otherwise one buffer shared by every connection, whose bytes are copied out at once (into
+ * a read block for the head of a likely large response, see `readInto`). Reads are
  * synchronous with their callback on the one event-loop thread, so no two connections ever fill
  * the shared buffer at the same time, and an idle connection holds no buffer of its own (Node's
  * own read path allocates 64 KiB per read and shrinks it with a copy).
@@ -854,11 +854,10 @@ const BLOCK_REST = 32 * 1024;
  * 256 KiB bodies (bench/README.md, 2026-12-03, "read blocks"): reads of up to 256 KiB drained the
  * socket at once and left the proxy waiting for the next segment, and the backend on the other
  * core then spent 100–110 µs per response against 45–70 µs with 32 KiB reads (64 KiB did not
- * help); the proxy spends ~15 µs more for the extra reads.
+ * help); the proxy spends ~15 µs more for the extra reads. Later rounds found the backend's cost
+ * bimodal with either size (bench/README.md, 2026-12-03 15:08).
  */
 const BODY_READ = 32 * 1024;
-/** Largest read block a connection takes (bytes). */
-const MAX_READ = READ_BLOCK_SIZE;
 
 function onSocketEnd(this: Socket): void {
   carried(this)?.ended();
