@@ -16,6 +16,9 @@
 #                    turns, so a slow spell of the machine falls on all of them; the table gives
 #                    each figure's median over the rounds and the targets' median ratio
 #   BENCH_INSTALL    0 = never apt-get install missing tools (default 1, as root only)
+#   BENCH_CONGESTION TCP congestion control for the run (default: leave the machine's, e.g. bbr):
+#                    as root, sets net.ipv4.tcp_congestion_control before anything starts and puts
+#                    the old value back on exit. The one in force is recorded with the results.
 set -uo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -48,13 +51,32 @@ if [ "$(nproc --all)" -lt 2 ]; then
   CPU_PROXY=0
 fi
 
+CONGESTION_SYSCTL=/proc/sys/net/ipv4/tcp_congestion_control
+CONGESTION_BEFORE=
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-bench.XXXXXX")
 cleanup() {
   stop_all
   rm -rf "$TMP"
+  if [ -n "$CONGESTION_BEFORE" ]; then printf '%s\n' "$CONGESTION_BEFORE" > "$CONGESTION_SYSCTL"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# The TCP congestion control every socket of the run gets (backend, proxies, load generators):
+# with bbr on loopback (no qdisc), the backend paces its 256 KiB answers with kernel timers, and how
+# often depends on when the proxy reads and ACKs (bench/README.md, "congestion control").
+if [ -n "${BENCH_CONGESTION:-}" ]; then
+  if ! grep -qw -- "$BENCH_CONGESTION" /proc/sys/net/ipv4/tcp_available_congestion_control 2>/dev/null; then
+    log "BENCH_CONGESTION=$BENCH_CONGESTION: not one of: $(cat /proc/sys/net/ipv4/tcp_available_congestion_control 2>/dev/null)"; exit 1
+  fi
+  CONGESTION_BEFORE=$(cat "$CONGESTION_SYSCTL")
+  if ! printf '%s\n' "$BENCH_CONGESTION" > "$CONGESTION_SYSCTL" 2>/dev/null; then
+    log "BENCH_CONGESTION=$BENCH_CONGESTION: cannot write $CONGESTION_SYSCTL (root only)"; exit 1
+  fi
+  log "TCP congestion control $BENCH_CONGESTION for this run (was $CONGESTION_BEFORE)"
+fi
+CONGESTION=$(cat "$CONGESTION_SYSCTL" 2>/dev/null || echo unknown)
+
 # nginx workers run as an unprivileged user when started as root: they must reach the files.
 chmod 755 "$TMP"
 RESULTS=$TMP/results.tsv
@@ -91,8 +113,9 @@ if reason=$(check "http://127.0.0.1:$BACKEND_PORT/1k" 1024); then :; else log "b
 printf '#meta\tdate\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" >> "$RESULTS"
 printf '#meta\tmachine\t%s CPUs, %s\n' "$(nproc --all)" \
   "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //' || uname -m)" >> "$RESULTS"
-printf '#meta\tsettings\t%sduration %ss, warm-up %ss, latency rate %s\n' \
+printf '#meta\tsettings\t%sduration %ss, warm-up %ss, TCP congestion control %s%s, latency rate %s\n' \
   "$([ "$ROUNDS" -gt 1 ] && echo "$ROUNDS rounds (medians), ")" "$DURATION" "$WARMUP" \
+  "$CONGESTION" "$([ -n "$CONGESTION_BEFORE" ] && echo " (BENCH_CONGESTION)")" \
   "${RATE:+$RATE req/s}${RATE:-half of the h1-tls req/s of each target}" >> "$RESULTS"
 
 # --- targets: start one, measure every scenario, stop it ---

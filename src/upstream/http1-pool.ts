@@ -855,7 +855,9 @@ const BLOCK_REST = 32 * 1024;
  * socket at once and left the proxy waiting for the next segment, and the backend on the other
  * core then spent 100–110 µs per response against 45–70 µs with 32 KiB reads (64 KiB did not
  * help); the proxy spends ~15 µs more for the extra reads. Later rounds found the backend's cost
- * bimodal with either size (bench/README.md, 2026-12-03 15:08).
+ * bimodal with either size (bench/README.md, 2026-12-03 15:08): it is the backend's BBR pacing on
+ * loopback, which reacts to when the proxy reads and acknowledges; with cubic it costs 39–46 µs
+ * behind any proxy (bench/README.md, 2026-12-03 17:03).
  */
 const BODY_READ = 32 * 1024;
 
