@@ -66,8 +66,9 @@ trap 'exit 130' INT TERM
 # with bbr on loopback (no qdisc), the backend paces its 256 KiB answers with kernel timers, and how
 # often depends on when the proxy reads and ACKs (bench/README.md, "congestion control").
 if [ -n "${BENCH_CONGESTION:-}" ]; then
-  if ! grep -qw -- "$BENCH_CONGESTION" /proc/sys/net/ipv4/tcp_available_congestion_control 2>/dev/null; then
-    log "BENCH_CONGESTION=$BENCH_CONGESTION: not one of: $(cat /proc/sys/net/ipv4/tcp_available_congestion_control 2>/dev/null)"; exit 1
+  available=$(cat /proc/sys/net/ipv4/tcp_available_congestion_control 2>/dev/null)
+  if ! grep -qw -- "$BENCH_CONGESTION" <<<"$available"; then
+    log "BENCH_CONGESTION=$BENCH_CONGESTION: not one of: $available"; exit 1
   fi
   CONGESTION_BEFORE=$(cat "$CONGESTION_SYSCTL")
   if ! printf '%s\n' "$BENCH_CONGESTION" > "$CONGESTION_SYSCTL" 2>/dev/null; then

@@ -606,10 +606,9 @@ export class UpstreamConnection implements ResponseSink {
    * row brought under SMALL_READ each (an upstream that trickles keeps no block).
    */
   readBuffer(): Buffer {
-    let block = this.readBlock;
-    const room = block === null ? 0 : block.buffer.length - this.readOffset;
     if (this.phase === Phase.Body && this.smallReads < TRICKLE) {
-      if (room < BLOCK_REST) {
+      let block = this.readBlock;
+      if (block === null || block.buffer.length - this.readOffset < BLOCK_REST) {
         const left = this.parser.bodyLeft;
         block = left >= LARGE_READ || (this.bodyLarge && left >= SMALL_READ) ? this.newReadBlock(Math.min(left, this.blockSize)) : null;
       }
