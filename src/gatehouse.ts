@@ -39,6 +39,7 @@ import { LocalCA } from './tls/local-ca.js';
 import type { Certificate } from './tls/source.js';
 import { AcmeIssuer } from './acme/manager.js';
 import { FileStorage } from './tls/storage.js';
+import { setBusyPolling } from './busy-poll.js';
 
 export type { ReloadResult } from './observability/admin.js';
 
@@ -181,6 +182,7 @@ export class Gatehouse {
       throw error;
     }
     runtime.start();
+    setBusyPolling(config.busy_polling);
     gatehouse.#watchConfig();
     logger.info({
       config: config.source,
@@ -269,6 +271,7 @@ export class Gatehouse {
    */
   stop(): Promise<void> {
     this.#stopping ??= (async () => {
+      setBusyPolling(0); // a spinning loop would keep the process alive
       this.#unwatchConfig();
       this.#issuers.acme?.stop();
       await this.#reloading;
@@ -362,6 +365,7 @@ export class Gatehouse {
     this.#version++;
     this.#loadedAt = new Date();
     runtime.start();
+    setBusyPolling(config.busy_polling);
 
     // Cleanup.
     const closedTunnels = this.#closeOrphanTunnels(runtime);

@@ -389,6 +389,14 @@ export const configSchema = z.strictObject({
    * listeners shared), forwards SIGTERM/SIGINT/SIGHUP/SIGUSR1 to each and restarts a dead one
    * with backoff; the certificate storage folder is shared (see src/workers.ts). */
   workers: z.union([z.literal('auto'), z.number().int().min(1).max(1024)]).default(1),
+  /** Busy polling (ms): after each accepted connection, request or upstream read, the event loop
+   * polls its sockets without sleeping for this long, so the core is awake for the next packet
+   * instead of halting between two (on a virtual machine, waking a halted vCPU costs the sender an
+   * inter-processor interrupt and the receiver a reschedule). Like HAProxy's `busy-polling`, but
+   * bounded: an idle process stops spinning one window after its last traffic. The core then
+   * shows busy for up to that long after every request: for a proxy with a core of its own.
+   * `0` = off. Default `0`; at most `1s`. Reloadable. See src/busy-poll.ts. */
+  busy_polling: duration.refine((window) => window <= 1000, 'at most 1s').default(0),
   /** The admin API on `listen.admin`. */
   admin: z.strictObject({
     /** Bearer token every admin request must carry (`Authorization: Bearer TOKEN`). Default: none

@@ -22,6 +22,7 @@ import { checkRequest, guardServer, refuse, serveHttp1Request, type GuardedServi
 import type { ClientRequest } from '../proxy/forward.js';
 import type { ProxyFailure } from '../proxy/errors.js';
 import { StreamRequest, StreamResponse } from '../proxy/http2-stream.js';
+import { busyPollKick } from '../busy-poll.js';
 
 /**
  * Streams Node may refuse on one HTTP/2 session (its `maxSessionRejectedStreams`, default 100)
@@ -221,6 +222,7 @@ export class HttpsListener {
    * Node's own (`handshakeTimeout`) starts only when the TLS server gets the socket.
    */
   #accept(socket: Socket): void {
+    busyPollKick();
     const raw = socket as RawSocket;
     raw[kAccepted] = { listener: this, deadline: setTimeout(onHandshakeDeadline, this.#handshakeMs, raw).unref() };
     this.#pending.add(raw);

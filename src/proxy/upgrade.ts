@@ -21,6 +21,7 @@ import type { Upstream } from '../upstream/pool.js';
 import { classifyUpstreamError, errorBody, FAILURES, type ProxyFailure } from './errors.js';
 import { isHopByHopHeader, newRequestHeadFacts, toUpstreamRequestHeaders } from './headers.js';
 import type { ExchangeOutcome } from './forward.js';
+import { busyPollKick } from '../busy-poll.js';
 
 /** What `proxyUpgrade` needs besides the request; built by the router per request. */
 export interface UpgradeTarget {
@@ -220,10 +221,12 @@ class UpgradeExchange implements UpgradeOutcome {
 
   private readonly countIn = (chunk: Buffer): void => {
     this.bytesIn += chunk.length;
+    busyPollKick();
   };
 
   private readonly countOut = (chunk: Buffer): void => {
     this.bytesOut += chunk.length;
+    busyPollKick();
   };
 
   private readonly onUpstreamError = (error: Error): void => {

@@ -18,6 +18,7 @@ import type { SelectionContext } from '../upstream/balancer.js';
 import type { Upstream } from '../upstream/pool.js';
 import { normalizeHost, type RoutedSite } from './router.js';
 import type { RouteRuntime, Runtime, SiteRuntime } from './runtime.js';
+import { busyPollKick } from '../busy-poll.js';
 
 /** Answers of the router itself (not of an upstream). */
 export const ROUTING_FAILURES = Object.freeze({
@@ -99,6 +100,7 @@ export function dispatchRequest(
   req: ClientRequest, res: ClientResponse, ctx: DispatchContext,
   hostArg?: string, routedArg?: RoutedSite<SiteRuntime, RouteRuntime>,
 ): void {
+  busyPollKick();
   const startedAt = performance.now();
   const host = hostArg ?? requestHost(req);
   if (host === undefined) return reject(req, res, ctx, startedAt, '', undefined, ROUTING_FAILURES.badHost);
@@ -190,6 +192,7 @@ class RoutedExchange implements ForwardTarget {
  * Route an HTTP/1.1 Upgrade request (WebSocket) and open the tunnel. Never throws.
  */
 export function dispatchUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer, ctx: DispatchContext): void {
+  busyPollKick();
   const startedAt = performance.now();
   const host = requestHost(req);
   const runtime = ctx.runtime;

@@ -29,6 +29,7 @@ import type { Readable } from 'node:stream';
 import tls, { type ConnectionOptions } from 'node:tls';
 import { READ_BLOCK_SIZE, takeReadBlock, trimReadBlocks, type ReadBlock } from './read-blocks.js';
 import { ResponseParser, type ResponseSink } from './response-parser.js';
+import { busyPollKick } from '../busy-poll.js';
 
 /** One request for {@link UpstreamPool.dispatch}. */
 export interface UpstreamRequestOptions {
@@ -819,6 +820,7 @@ function onSocketConnect(this: Socket): void {
 }
 
 function onSocketData(this: Socket, data: Buffer): void {
+  busyPollKick();
   carried(this)?.received(data);
 }
 
@@ -834,6 +836,7 @@ function onSocketData(this: Socket, data: Buffer): void {
  * own read path allocates 64 KiB per read and shrinks it with a copy).
  */
 function onSocketRead(this: Socket, nread: number, buffer: Buffer): boolean {
+  busyPollKick();
   const connection = carried(this);
   return connection === undefined ? false : connection.readInto(nread, buffer);
 }
