@@ -12,6 +12,12 @@
  * kick has not passed, a `setImmediate` chain keeps libuv's poll phase at a zero timeout; when it
  * has, the chain stops and the loop blocks in `epoll_wait` as usual. An idle process spins for at
  * most one window after its last request: nothing between.
+ *
+ * The window is the config's `busy_polling` (ms; 0 = off, the default), set at start and on every
+ * reload and turned off when the server stops. Off, a kick is one flag store and one comparison.
+ * Measured (bench/README.md, 2026-12-03 18:41, "busy polling"): new TLS connections +6.6% on
+ * average with 1 ms, the client on the other core spending a median 30 µs less per connection;
+ * keep-alive scenarios unchanged; 256 KiB bodies 3.5% fewer with `bbr` congestion control.
  */
 
 /** The window (ms); 0 = off. */
