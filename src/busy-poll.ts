@@ -14,7 +14,7 @@
  * most one window after its last request: nothing between.
  *
  * The window is the config's `busy_polling` (ms; 0 = off, the default), set at start and on every
- * reload and turned off when the server stops. Off, a kick is one flag store and one comparison.
+ * reload and turned off when the server stops. Off, a kick is one flag store and a comparison.
  * Measured (bench/README.md, 2026-12-03 18:41, "busy polling"): new TLS connections +6.6% on
  * average with 1 ms, the client on the other core spending a median 30 µs less per connection;
  * keep-alive scenarios unchanged; 256 KiB bodies 3.5% fewer with `bbr` congestion control.
@@ -47,7 +47,8 @@ export function busyPollingWindow(): number {
 
 /**
  * Marks traffic: the loop keeps polling for the window from now. Called on accepted connections,
- * requests and upstream reads; costs a flag store, and a `setImmediate` when the chain was stopped.
+ * requests, upstream reads and tunnel (WebSocket) data; costs a flag store and a comparison, and a
+ * `setImmediate` when the chain was stopped.
  */
 export function busyPollKick(): void {
   kicked = true;
