@@ -30,6 +30,18 @@ async function utilizationOver(ms: number): Promise<number> {
 const SPINNING = 0.3;
 const WAITING = 0.15;
 
+/**
+ * The lowest utilization of up to `tries` windows of `ms` in a row, stopping at the first below
+ * WAITING. A waiting loop's is ~0.01, but the test runner's own reporting, a GC or a process
+ * descheduled between two of its turns (other test files share the 2 cores) can fill one window;
+ * a loop that spins when it should wait stays near 1 in every window, so this still fails it.
+ */
+async function waitingUtilization(ms = 100, tries = 3): Promise<number> {
+  let lowest = 1;
+  for (let i = 0; i < tries && lowest >= WAITING; i++) lowest = Math.min(lowest, await utilizationOver(ms));
+  return lowest;
+}
+
 describe('busy polling', () => {
   after(() => setBusyPolling(0));
 
@@ -50,7 +62,7 @@ describe('busy polling', () => {
   it('spins for the window after a kick, then waits again; off, a kick changes nothing', async () => {
     setBusyPolling(0);
     busyPollKick();
-    const off = await utilizationOver(100);
+    const off = await waitingUtilization();
     assert.ok(off < WAITING, `off: utilization ${off.toFixed(3)}`);
 
     setBusyPolling(300);
@@ -58,7 +70,7 @@ describe('busy polling', () => {
     const spinning = await utilizationOver(100);
     assert.ok(spinning > SPINNING, `within the window: utilization ${spinning.toFixed(3)}`);
     await sleep(300); // the window has passed: the chain stopped
-    const after = await utilizationOver(100);
+    const after = await waitingUtilization();
     assert.ok(after < WAITING, `after the window: utilization ${after.toFixed(3)}`);
 
     busyPollKick(); // a kick starts it again
@@ -66,7 +78,7 @@ describe('busy polling', () => {
     assert.ok(again > SPINNING, `kicked again: utilization ${again.toFixed(3)}`);
     setBusyPolling(0); // a running chain stops at its next turn
     await sleep(10);
-    const stopped = await utilizationOver(100);
+    const stopped = await waitingUtilization();
     assert.ok(stopped < WAITING, `turned off while spinning: utilization ${stopped.toFixed(3)}`);
   });
 
@@ -85,7 +97,7 @@ sites:
     try {
       assert.equal(busyPollingWindow(), 300);
       await sleep(400); // start-up traffic (none proxied) is behind us
-      assert.ok(await utilizationOver(100) < WAITING, 'idle before the request');
+      assert.ok(await waitingUtilization() < WAITING, 'idle before the request');
       const answer = await h1Request(gh.httpsPort, agent, '/spin');
       assert.equal(answer.status, 200);
       const spinning = await utilizationOver(100);
@@ -95,7 +107,7 @@ sites:
       assert.equal(busyPollingWindow(), 0);
       assert.equal((await h1Request(gh.httpsPort, agent, '/calm')).status, 200);
       await sleep(10);
-      const calm = await utilizationOver(100);
+      const calm = await waitingUtilization();
       assert.ok(calm < WAITING, `after the reload to 0: utilization ${calm.toFixed(3)}`);
 
       await gh.gatehouse.reload(reloaded('1s'));
@@ -107,6 +119,6 @@ sites:
     }
     assert.equal(busyPollingWindow(), 0, 'stop turns it off');
     await sleep(10);
-    assert.ok(await utilizationOver(100) < WAITING, 'stopped: no spinning left');
+    assert.ok(await waitingUtilization() < WAITING, 'stopped: no spinning left');
   });
 });
