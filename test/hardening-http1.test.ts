@@ -4,6 +4,8 @@
  * must never see a rejected request.
  */
 import assert from 'node:assert/strict';
+import diagnostics from 'node:diagnostics_channel';
+import type { IncomingMessage } from 'node:http';
 import { after, before, describe, it } from 'node:test';
 import { request } from 'undici';
 import { startGatehouse, type TestGatehouse } from './helpers/gatehouse.ts';
@@ -131,6 +133,53 @@ sites:
     const plain = await rawExchange(gh.httpPort, 'GET http://nowhere.test/abs-404 HTTP/1.1\r\nHost: plain.test\r\n\r\n');
     assert.equal(plain.status, 404);
     assert.equal(seen('abs-404').length, 0);
+  });
+
+  it('keep-alive: requests with and without a body, pipelined on one connection, each answered in order; only those with one are read', async () => {
+    // What node:http's server hands over, seen through its own diagnostics channel. The channel
+    // also reports the echo upstream's requests (a node:http server too): each path reaches
+    // Gatehouse first.
+    const received = new Map<string, IncomingMessage>();
+    const onStart = (message: unknown): void => {
+      const req = (message as { request: IncomingMessage }).request;
+      const marker = /\/keep-(\w+)/.exec(req.url ?? '')?.[1];
+      if (marker !== undefined && !received.has(marker)) received.set(marker, req);
+    };
+    diagnostics.subscribe('http.server.request.start', onStart);
+    try {
+      for (const [port, host, tls] of [[gh.httpPort, 'plain.test', false], [gh.httpsPort, 'localhost', true]] as const) {
+        received.clear();
+        const before = echo.requests.length;
+        const answer = await rawExchange(port, [
+          `GET /keep-a HTTP/1.1\r\nHost: ${host}\r\n\r\n`,
+          `POST /keep-b HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 5\r\n\r\nhello`,
+          `GET /keep-c HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 0\r\n\r\n`,
+          `POST /keep-d HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nworld\r\n0\r\n\r\n`,
+          `GET /keep-e?trailers=1 HTTP/1.1\r\nHost: ${host}\r\n\r\n`,
+          `HEAD /keep-f HTTP/1.1\r\nHost: ${host}\r\n\r\n`,
+          `GET /keep-g HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`,
+        ].join(''), { tls });
+        // Not answer.statuses: a response follows the body before it with no CRLF between.
+        const statuses = [...answer.text.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((m) => Number(m[1]));
+        assert.deepEqual(statuses, [200, 200, 200, 200, 200, 200, 200], answer.text);
+        assert.equal(answer.closed, true);
+        const seenNow = echo.requests.slice(before);
+        assert.deepEqual(seenNow.map((r) => `${r.method} ${r.url.split('?')[0]} ${r.bodyLength}`), [
+          'GET /keep-a 0', 'POST /keep-b 5', 'GET /keep-c 0', 'POST /keep-d 5', 'GET /keep-e 0', 'HEAD /keep-f 0', 'GET /keep-g 0',
+        ]);
+        // Each JSON answer names its own request: none was cut short or answered twice.
+        const urls = [...answer.text.matchAll(/"url":"\/keep-(\w)/g)].map((m) => m[1]);
+        assert.deepEqual(urls, ['a', 'b', 'c', 'd', 'e', 'g'], answer.text);
+        await new Promise((resolve) => setImmediate(resolve));
+        assert.deepEqual([...received.keys()].sort(), ['a', 'b', 'c', 'd', 'e', 'f', 'g']);
+        for (const marker of ['b', 'd']) assert.equal(received.get(marker)!.readableEnded, true, `${marker}: its body was read to the end`);
+        // A request without a body is never switched to flowing mode: node:http's dump of an
+        // unread request (resume, end, destroy: six process.nextTicks) was skipped for it.
+        for (const marker of ['a', 'c', 'e', 'f', 'g']) assert.equal(received.get(marker)!.readableFlowing, null, `${marker}: resumed`);
+      }
+    } finally {
+      diagnostics.unsubscribe('http.server.request.start', onStart);
+    }
   });
 
   it('answers 100-continue itself and forwards the body', async () => {

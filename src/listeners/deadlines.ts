@@ -21,6 +21,7 @@ import type { Socket } from 'node:net';
 import type { ClientsConfig } from '../config/schema.js';
 import type { ClientRequest, ClientResponse } from '../proxy/forward.js';
 import { GUARD_FAILURES, isHttp2Request } from './guard.js';
+import { hasHttp1Body } from '../proxy/headers.js';
 import { sendProxyError } from '../proxy/forward.js';
 
 /**
@@ -70,8 +71,7 @@ export function watchRequestBody(req: ClientRequest, res: ClientResponse, idleMs
   if (isHttp2Request(req)) {
     if (req.stream.endAfterHeaders || req.readableEnded) return;
   } else {
-    const length = req.headers['content-length'];
-    if ((length === undefined || length === '0') && req.headers['transfer-encoding'] === undefined) return;
+    if (!hasHttp1Body(req)) return;
   }
   // Here the request has a body: not a StreamRequest (those have none).
   const watched = req as (IncomingMessage | Http2ServerRequest) & WatchedRequest;

@@ -26,6 +26,7 @@ import type { Duplex } from 'node:stream';
 import type { ClientLimitsConfig } from '../config/schema.js';
 import { errorBody, failure, type ProxyFailure } from '../proxy/errors.js';
 import { sendProxyError, type ClientRequest, type ClientResponse } from '../proxy/forward.js';
+import { hasHttp1Body } from '../proxy/headers.js';
 import type { StreamRequest } from '../proxy/http2-stream.js';
 import { requestEnded, requestStarted } from './connections.js';
 import { watchRequestBody } from './deadlines.js';
@@ -282,8 +283,25 @@ export function serveHttp1Request(req: IncomingMessage, res: ServerResponse | Ht
     refuse(req, res, failed, serving);
     return;
   }
-  watchRequestBody(req, res, serving.bodyIdle);
+  if (!hasHttp1Body(req)) skipDump(req);
+  else watchRequestBody(req, res, serving.bodyIdle);
   serving.onRequest(req, res);
+}
+
+type DumpableRequest = IncomingMessage & { _dumped?: boolean };
+
+/**
+ * Spares a request without a body node:http's dump. Once a response finished, Node's server
+ * "dumps" a request its handler never read (`resOnFinish` → `IncomingMessage._dump()` →
+ * `resume()`) to pull an unread body off the wire. A request without one has nothing to pull,
+ * yet the dump runs the readable stream's resume, end and destroy steps, six `process.nextTick`s
+ * per request (bench/README.md, 2026-12-07, "the dump of a bodiless request"). `_dump()` does
+ * nothing for a request already marked `_dumped`: the request then never emits 'end' or 'close'
+ * (the proxy watches the response's 'close'; a handler may still read it). A Node that no
+ * longer reads the field dumps as before. Call only when {@link hasHttp1Body} is false.
+ */
+function skipDump(req: IncomingMessage): void {
+  (req as DumpableRequest)._dumped = true;
 }
 
 /** Answer a refused request, report it, and record it like any other exchange. */

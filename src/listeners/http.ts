@@ -15,6 +15,7 @@ import { guardServer, serveHttp1Request, type GuardedServing } from './guard.js'
 import type { ClientRequest } from '../proxy/forward.js';
 import type { ProxyFailure } from '../proxy/errors.js';
 import { listenOn } from './https.js';
+import { hasHttp1Body } from '../proxy/headers.js';
 
 /** The path prefix of ACME HTTP-01 challenges (RFC 8555 §8.3). */
 export const ACME_CHALLENGE_PREFIX = '/.well-known/acme-challenge/';
@@ -88,8 +89,7 @@ export function redirectToHttps(req: IncomingMessage, res: ServerResponse, host:
   const authority = host.includes(':') ? `[${host}]` : host;
   const location = `https://${authority}${httpsPort === 443 ? '' : `:${httpsPort}`}${req.url ?? '/'}`;
   const body = 'Redirecting to HTTPS\n';
-  const length = req.headers['content-length'];
-  const hasBody = (length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined;
+  const hasBody = hasHttp1Body(req);
   res.writeHead(308, {
     Location: location,
     'Content-Type': 'text/plain; charset=utf-8',

@@ -17,6 +17,7 @@ import { LRUCache } from 'lru-cache';
 import type { RateLimitConfig } from '../config/schema.js';
 import { endable, type ClientRequest, type ClientResponse } from '../proxy/forward.js';
 import type { ClientAddress } from './client-ip.js';
+import { hasHttp1Body } from '../proxy/headers.js';
 
 /** The policy name in the RateLimit headers. */
 const POLICY_NAME = '"gatehouse"';
@@ -110,10 +111,7 @@ function tooManyRequests(req: ClientRequest, res: ClientResponse, policy: string
     'ratelimit-policy': policy,
     ratelimit: state,
   };
-  if (req.httpVersionMajor === 1) {
-    const length = req.headers['content-length'];
-    if ((length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined) headers.connection = 'close';
-  }
+  if (req.httpVersionMajor === 1 && hasHttp1Body(req)) headers.connection = 'close';
   try {
     res.writeHead(429, headers);
     if (req.method === 'HEAD') endable(res).end();

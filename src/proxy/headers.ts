@@ -15,6 +15,17 @@
 import { INVALID_VALUE_CHAR, TOKEN } from '../upstream/field-syntax.js';
 
 /**
+ * True when an HTTP/1.x request carries a body: it has `Transfer-Encoding`, or a `Content-Length`
+ * other than 0 (RFC 9112 §6.3; Node's parser already refused conflicting or malformed ones).
+ * Reads `req.headers`, which node:http builds for every HTTP/1.1 request anyway.
+ */
+export function hasHttp1Body(req: { readonly headers: Readonly<Record<string, string | string[] | undefined>> }): boolean {
+  const headers = req.headers;
+  const length = headers['content-length'];
+  return (length !== undefined && length !== '0') || headers['transfer-encoding'] !== undefined;
+}
+
+/**
  * Hop-by-hop header fields (lowercase), removed by every intermediary (RFC 9110 §7.6.1; RFC 9112
  * §6.1 for Transfer-Encoding). `Proxy-Connection` is the non-standard field some clients still send;
  * `Trailer` is removed because Gatehouse re-frames the body (and the upstream pool sends no request

@@ -14,6 +14,7 @@ import type { TLSSocket } from 'node:tls';
 import { forward, sendProxyError, type ClientRequest, type ClientResponse, type ForwardOutcome, type ForwardTarget } from '../proxy/forward.js';
 import { failure, FAILURES, type ProxyFailure } from '../proxy/errors.js';
 import { proxyUpgrade, type UpgradeOutcome } from '../proxy/upgrade.js';
+import { hasHttp1Body } from '../proxy/headers.js';
 import type { SelectionContext } from '../upstream/balancer.js';
 import type { Upstream } from '../upstream/pool.js';
 import { normalizeHost, type RoutedSite } from './router.js';
@@ -263,8 +264,7 @@ function reject(
   site: SiteRuntime | undefined, failure: ProxyFailure, retryAfterMs?: number,
 ): void {
   // The body was not read: HTTP/1.1 must not reuse a connection with an unread body (RFC 9112 §9.3).
-  const length = req.headers['content-length'];
-  const close = req.httpVersionMajor === 1 && ((length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined);
+  const close = req.httpVersionMajor === 1 && hasHttp1Body(req);
   sendProxyError(res, failure, '', close, retryAfterMs);
   ctx.onComplete({
     req, startedAt, protocol: ctx.protocol, host, site, route: undefined,
