@@ -580,6 +580,53 @@ describe('UpstreamPool: response reads', () => {
     assert.ok(outcome.body.equals(source), 'the body arrives whole and in order');
     assert.deepEqual(held, [], 'chunks holding buffers over twice their size');
   });
+  it('call.lastChunk is true in onData for the last bytes of a Content-Length body only; never for chunked or close-delimited bodies', LIMIT, async (t) => {
+    const timers = new Set<NodeJS.Timeout>();
+    defer(t, () => { for (const timer of timers) clearTimeout(timer); });
+    /** Writes `pieces` one per 20 ms, so that each reaches the pool in a read of its own. */
+    const paced = (socket: net.Socket, pieces: string[], end = false): void => {
+      const next = (i: number): void => {
+        if (i === pieces.length) {
+          if (end) socket.end();
+          return;
+        }
+        socket.write(pieces[i]!);
+        const timer = setTimeout(() => { timers.delete(timer); next(i + 1); }, 20);
+        timers.add(timer);
+      };
+      next(0);
+    };
+    const answers: Record<string, { pieces: string[]; end?: boolean }> = {
+      '/sized': { pieces: ['HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc', 'def', 'ghi'] },
+      // The head and the whole body in one read: one chunk, the last.
+      '/sized-one': { pieces: ['HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc'] },
+      '/chunked': { pieces: ['HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n', '3\r\ndef\r\n0\r\n\r\n'] },
+      '/until-close': { pieces: ['HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc', 'def'], end: true },
+    };
+    const upstream = await startRaw(t, (socket) => {
+      let pending = '';
+      socket.on('data', (data: Buffer) => {
+        pending += data.toString('latin1');
+        const end = pending.indexOf('\r\n\r\n');
+        if (end < 0) return;
+        const path = pending.split(' ')[1]!;
+        pending = pending.slice(end + 4);
+        const answer = answers[path]!;
+        paced(socket, answer.pieces, answer.end);
+      });
+    });
+    const pool = makePool(t, upstream.port);
+    const expected: Record<string, boolean[]> = {
+      '/sized': [false, false, true], '/sized-one': [true], '/chunked': [false, false], '/until-close': [false, false],
+    };
+    for (const [path, flags] of Object.entries(expected)) {
+      const last: boolean[] = [];
+      const outcome = await request(pool, { path }, { onData(call) { last.push(call.lastChunk); } });
+      assertOk(outcome);
+      assert.deepEqual(last, flags, `${path}: lastChunk per chunk (${outcome.chunks.map((c) => c.toString()).join('|')})`);
+      assert.equal(outcome.calls.at(-1), 'complete');
+    }
+  });
 });
 
 describe('UpstreamPool: request bodies', () => {

@@ -143,6 +143,17 @@ export class UpstreamCall {
     return block === null ? null : block.retain();
   }
 
+  /**
+   * Inside `onData`: true when the chunk being delivered is the body's last (the last bytes of a
+   * `Content-Length` body): `onComplete`, without trailers, follows as soon as `onData` returns,
+   * unless `onData` throws. False for chunked and close-delimited bodies, whose end is only
+   * known after their last data.
+   */
+  get lastChunk(): boolean {
+    const connection = this.connection;
+    return connection !== null && connection.deliveringLast;
+  }
+
   /** Reading the response goes on after a handler returned false. */
   resume(): void {
     if (!this.done) this.connection?.resumeReading(this);
@@ -418,6 +429,14 @@ export class UpstreamConnection implements ResponseSink {
     socket.on('close', onSocketClose);
     socket.on('drain', onSocketDrain);
     watch(this);
+  }
+
+  /**
+   * While a body chunk is delivered: it ends the body (the parser already finished the response,
+   * which completes once the chunk's `onData` returns).
+   */
+  get deliveringLast(): boolean {
+    return !this.parser.busy;
   }
 
   /** The connection may carry another request after the current one (or now, when idle). */
