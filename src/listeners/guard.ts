@@ -295,7 +295,7 @@ type DumpableRequest = IncomingMessage & { _dumped?: boolean };
  * "dumps" a request its handler never read (`resOnFinish` → `IncomingMessage._dump()` →
  * `resume()`) to pull an unread body off the wire. A request without one has nothing to pull,
  * yet the dump runs the readable stream's resume, end and destroy steps, six `process.nextTick`s
- * per request (bench/README.md, 2026-12-07, "the dump of a bodiless request"). `_dump()` does
+ * per request (bench/README.md, 2026-12-07 12:13, "What changed: the dump"). `_dump()` does
  * nothing for a request already marked `_dumped`: the request then never emits 'end' or 'close'
  * (the proxy watches the response's 'close'; a handler may still read it). A Node that no
  * longer reads the field dumps as before. Call only when {@link hasHttp1Body} is false.
