@@ -7,6 +7,11 @@ import assert from 'node:assert/strict';
 import { connect as http2Connect, constants, type ClientHttp2Session, type IncomingHttpHeaders } from 'node:http2';
 import net from 'node:net';
 import { after, before, describe, it } from 'node:test';
+import type { ServerHttp2Stream } from 'node:http2';
+import { HttpsListener } from '../src/listeners/https.js';
+import type { StreamRequest } from '../src/proxy/http2-stream.js';
+import { CertificateStore } from '../src/tls/certificates.js';
+import { makeCertificate } from './helpers/certs.ts';
 import { startGatehouse, type TestGatehouse } from './helpers/gatehouse.ts';
 import { collectFrames, frame, FRAME, getFields, goawayOf, h2Connect, headersFrame, NGHTTP2_REFUSES_USERINFO, rstStreamFrame } from './helpers/h2frames.ts';
 import { startEchoUpstream, type EchoReport } from './helpers/upstreams.ts';
@@ -407,5 +412,43 @@ sites:
     assert.equal(socket.destroyed, false);
     assert.ok(pingsOf(frames) >= 3, `${pingsOf(frames)} PINGs in 1.5 s`);
     socket.destroy();
+  });
+});
+
+describe('HttpsListener: an HTTP/2 request without a body', () => {
+  it('reaches the handler with its stream already ended, and the stream is destroyed once answered', async () => {
+    const site = makeCertificate({ names: ['localhost'] });
+    const store = new CertificateStore();
+    store.put(site.certificate);
+    const seen: { path: string; endedAtDispatch: boolean; stream: ServerHttp2Stream }[] = [];
+    const listener = new HttpsListener({
+      address: { host: '127.0.0.1', port: 0 },
+      store,
+      onRequest: (req, res) => {
+        const stream = (req as StreamRequest).stream;
+        seen.push({ path: req.url ?? '', endedAtDispatch: stream.readableEnded, stream });
+        res.writeHead(200, { 'content-type': 'text/plain' });
+        res.end('ok');
+      },
+      onUpgrade: (_req, socket) => socket.destroy(),
+    });
+    const { port } = await listener.listen();
+    const s = await session(port);
+    try {
+      for (const path of ['/a', '/b', '/c']) {
+        const answer = await h2Request(s, { ':path': path });
+        assert.equal(answer.status, 200);
+        assert.equal(answer.body, 'ok');
+      }
+      assert.deepEqual(seen.map((r) => r.path), ['/a', '/b', '/c']);
+      // Node ended the readable side with the HEADERS; the listener read it, so 'end' was emitted
+      // before dispatch and Node destroys each stream as it closes instead of resuming it first.
+      for (const r of seen) assert.equal(r.endedAtDispatch, true, `${r.path}: its stream was not read to its end before dispatch`);
+      await new Promise((resolve) => setImmediate(resolve));
+      for (const r of seen) assert.equal(r.stream.destroyed, true, `${r.path}: its stream is not destroyed`);
+    } finally {
+      s.close();
+      await listener.close(0);
+    }
   });
 });
