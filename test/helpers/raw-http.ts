@@ -14,7 +14,10 @@ export interface RawAnswer {
   readonly text: string;
   /** Status of the first response, 0 when none. */
   readonly status: number;
-  /** Status of every response on the connection, in order. */
+  /**
+   * Status of every response on the connection, in order: every status line (`HTTP/1.x NNN
+   * reason` and CRLF), wherever it starts, since a response may follow a body without a CRLF.
+   */
   readonly statuses: number[];
   /** The server closed the connection (false: the wait ran out with the connection open). */
   readonly closed: boolean;
@@ -76,6 +79,6 @@ export async function exchangeOn(socket: net.Socket, bytes: string | Buffer | re
   const closed = await done;
   const elapsedMs = performance.now() - started;
   socket.destroy();
-  const statuses = [...text.matchAll(/(?:^|\r\n)HTTP\/1\.[01] (\d{3}) /g)].map((m) => Number(m[1]));
+  const statuses = [...text.matchAll(/HTTP\/1\.[01] (\d{3}) [^\r\n]*\r\n/g)].map((m) => Number(m[1]));
   return { text, status: statuses[0] ?? 0, statuses, closed, elapsedMs };
 }
