@@ -4,10 +4,9 @@
  * a client library would not misbehave.
  */
 import assert from 'node:assert/strict';
-import { connect as http2Connect, constants, type ClientHttp2Session, type IncomingHttpHeaders } from 'node:http2';
+import { connect as http2Connect, constants, type ClientHttp2Session, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
 import net from 'node:net';
 import { after, before, describe, it } from 'node:test';
-import type { ServerHttp2Stream } from 'node:http2';
 import { HttpsListener } from '../src/listeners/https.js';
 import type { StreamRequest } from '../src/proxy/http2-stream.js';
 import { CertificateStore } from '../src/tls/certificates.js';

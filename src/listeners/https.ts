@@ -176,8 +176,9 @@ export class HttpsListener {
     // As the compat layer does: a stream error (a reset from the client) must not be unhandled.
     stream.on('error', ignoreStreamError);
     // Node ended the stream's readable side with its HEADERS; reading it now emits 'end' (one
-    // tick), so that Node destroys the stream once it closes instead of resuming it then to drain
-    // nothing (a resume and three end ticks; bench/README.md, 2026-12-07 12:13, "What changed").
+    // tick), so that Node destroys the stream once it closes instead of resuming it then to
+    // drain nothing (a resume and three end ticks; bench/README.md, 2026-12-07 12:13, "What
+    // changed: the dump").
     stream.read();
     setImmediate(dispatchStream, new StreamRequest(stream, headers, rawHeaders), new StreamResponse(stream), this);
   }

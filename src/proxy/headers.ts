@@ -17,7 +17,7 @@ import { INVALID_VALUE_CHAR, TOKEN } from '../upstream/field-syntax.js';
 /**
  * True when an HTTP/1.x request carries a body: it has `Transfer-Encoding`, or a `Content-Length`
  * other than 0 (RFC 9112 §6.3; Node's parser already refused conflicting or malformed ones).
- * Reads `req.headers`, which node:http builds for every HTTP/1.1 request anyway.
+ * Reads `req.headers`, which node:http builds for every HTTP/1.1 request anyway. Never throws.
  */
 export function hasHttp1Body(req: { readonly headers: Readonly<Record<string, string | string[] | undefined>> }): boolean {
   const headers = req.headers;
