@@ -156,3 +156,38 @@ cpu_busy() {
   read -r b0 t0 <<< "$1"; read -r b1 t1 <<< "$2"
   if [ -n "$t0" ] && [ -n "$t1" ] && [ "$t1" -gt "$t0" ]; then echo $(( 100 * (b1 - b0) / (t1 - t0) )); else echo '?'; fi
 }
+
+# setup_backend CPU: in $TMP, one self-signed ECDSA P-256 certificate for bench.localhost (CERT,
+# KEY, PEM: used by every TLS listener), the bodies the backend serves (www/1k, www/256k), five
+# free ports (BACKEND_PORT, BACKEND_TLS_PORT, WS_PORT, PLAIN_PORT, TLS_PORT), and on CPU the
+# backend: nginx with one worker (BACKEND_PID) and a WebSocket echo server (WS_PID). Logs why and
+# returns 1 when any of it fails.
+setup_backend() {
+  local cpu=$1 reason
+  CERT=$TMP/bench.localhost.crt
+  KEY=$TMP/bench.localhost.key
+  PEM=$TMP/bench.localhost.pem
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+    -subj /CN=bench.localhost -addext subjectAltName=DNS:bench.localhost \
+    -keyout "$KEY" -out "$CERT" >/dev/null 2>&1 || { log "openssl could not make a certificate"; return 1; }
+  cat "$CERT" "$KEY" > "$PEM"
+
+  mkdir -p "$TMP/www"
+  head -c 1024 /dev/urandom > "$TMP/www/1k"
+  head -c 262144 /dev/urandom > "$TMP/www/256k"
+  # nginx workers run as an unprivileged user when started as root: they must reach the files.
+  chmod 755 "$TMP"
+  chmod 644 "$TMP/www/"*
+
+  read -r BACKEND_PORT BACKEND_TLS_PORT WS_PORT PLAIN_PORT TLS_PORT < <(free_ports 5)
+
+  render "$BENCH_DIR/templates/backend-nginx.conf" "$TMP/backend-nginx.conf"
+  start backend "$cpu" nginx -p "$TMP" -c "$TMP/backend-nginx.conf" -e "$TMP/backend-error.log"
+  BACKEND_PID=$STARTED_PID
+  start ws-echo "$cpu" node "$BENCH_DIR/ws-echo.mjs" "$WS_PORT"
+  WS_PID=$STARTED_PID
+  if ! wait_port "$BACKEND_PORT" "$BACKEND_PID" || ! wait_port "$WS_PORT" "$WS_PID"; then
+    log "the backend did not start:"; cat "$TMP/backend.out" "$TMP/ws-echo.out" >&2; return 1
+  fi
+  if reason=$(check "http://127.0.0.1:$BACKEND_PORT/1k" 1024); then :; else log "backend: $reason"; return 1; fi
+}

@@ -78,38 +78,12 @@ if [ -n "${BENCH_CONGESTION:-}" ]; then
 fi
 CONGESTION=$(cat "$CONGESTION_SYSCTL" 2>/dev/null || echo unknown)
 
-# nginx workers run as an unprivileged user when started as root: they must reach the files.
-chmod 755 "$TMP"
 RESULTS=$TMP/results.tsv
 : > "$RESULTS"
 
-# One self-signed ECDSA P-256 certificate for bench.localhost, used by every TLS listener.
-CERT=$TMP/bench.localhost.crt
-KEY=$TMP/bench.localhost.key
-PEM=$TMP/bench.localhost.pem
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
-  -subj /CN=bench.localhost -addext subjectAltName=DNS:bench.localhost \
-  -keyout "$KEY" -out "$CERT" >/dev/null 2>&1 || { log "openssl could not make a certificate"; exit 1; }
-cat "$CERT" "$KEY" > "$PEM"
-
-# The bodies the backend serves.
-mkdir -p "$TMP/www"
-head -c 1024 /dev/urandom > "$TMP/www/1k"
-head -c 262144 /dev/urandom > "$TMP/www/256k"
-chmod 644 "$TMP/www/"*
-
-read -r BACKEND_PORT BACKEND_TLS_PORT WS_PORT PLAIN_PORT TLS_PORT < <(free_ports 5)
-
-# --- the backend (CPU 0): nginx with one worker, and a WebSocket echo server ---
-render "$BENCH_DIR/templates/backend-nginx.conf" "$TMP/backend-nginx.conf"
-start backend "$CPU_LOAD" nginx -p "$TMP" -c "$TMP/backend-nginx.conf" -e "$TMP/backend-error.log"
-BACKEND_PID=$STARTED_PID
-start ws-echo "$CPU_LOAD" node "$BENCH_DIR/ws-echo.mjs" "$WS_PORT"
-WS_PID=$STARTED_PID
-if ! wait_port "$BACKEND_PORT" "$BACKEND_PID" || ! wait_port "$WS_PORT" "$WS_PID"; then
-  log "the backend did not start:"; cat "$TMP/backend.out" "$TMP/ws-echo.out" >&2; exit 1
-fi
-if reason=$(check "http://127.0.0.1:$BACKEND_PORT/1k" 1024); then :; else log "backend: $reason"; exit 1; fi
+# The certificate, the bodies and the backend (CPU 0): nginx with one worker, and a WebSocket echo
+# server (lib.sh).
+setup_backend "$CPU_LOAD" || exit 1
 
 printf '#meta\tdate\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" >> "$RESULTS"
 printf '#meta\tmachine\t%s CPUs, %s\n' "$(nproc --all)" \
