@@ -3,6 +3,15 @@
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
+# bench_settings DEFAULT_ROUNDS: DURATION, WARMUP and ROUNDS from BENCH_DURATION (10 s),
+# BENCH_WARMUP (2 s) and BENCH_ROUNDS (DEFAULT_ROUNDS); returns 1 when ROUNDS is no whole number.
+bench_settings() {
+  DURATION=${BENCH_DURATION:-10}
+  WARMUP=${BENCH_WARMUP:-2}
+  ROUNDS=${BENCH_ROUNDS:-$1}
+  [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { log "BENCH_ROUNDS must be a whole number >= 1, not '$ROUNDS'"; return 1; }
+}
+
 # Install what is missing (Debian/Ubuntu, as root), unless BENCH_INSTALL=0.
 # Usage: ensure_tools REQUIRED_CMD:PACKAGE... -- OPTIONAL_CMD:PACKAGE...
 ensure_tools() {

@@ -28,11 +28,8 @@ ROOT=$(dirname "$BENCH_DIR")
 # Node resolves ws and undici from the project's node_modules; gatehouse runs from here.
 cd "$ROOT" || exit 1
 
-DURATION=${BENCH_DURATION:-10}
-WARMUP=${BENCH_WARMUP:-2}
 RATE=${BENCH_RATE:-}
-ROUNDS=${BENCH_ROUNDS:-1}
-[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { log "BENCH_ROUNDS must be a whole number >= 1, not '$ROUNDS'"; exit 1; }
+bench_settings 1 || exit 1
 LATENCY_CONNECTIONS=32
 WRK_CONNECTIONS=50
 ALL_SCENARIOS=h1,h1-256k,h1-tls,h2,tls-new,ws,latency

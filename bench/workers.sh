@@ -20,11 +20,8 @@ ROOT=$(dirname "$BENCH_DIR")
 . "$BENCH_DIR/lib.sh"
 cd "$ROOT" || exit 1
 
-DURATION=${BENCH_DURATION:-10}
-WARMUP=${BENCH_WARMUP:-2}
-ROUNDS=${BENCH_ROUNDS:-2}
 TARGETS=${BENCH_TARGETS:-gatehouse,caddy}
-[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { log "BENCH_ROUNDS must be a whole number >= 1, not '$ROUNDS'"; exit 1; }
+bench_settings 2 || exit 1
 SCENARIOS=(h1 h1-tls h2 tls-new)
 # Every CPU: "pinned" to all of them is not pinned at all (lib.sh's start and load take a CPU list).
 CPUS=$(nproc --all)
