@@ -261,11 +261,17 @@ sites:
       assert.equal(seen('slow-body').length, 0, 'the echo upstream records complete requests only');
     });
 
-    it('keep-alive: an idle connection is closed after clients.timeouts.keepalive', async () => {
+    it('keep-alive: an idle connection is closed 1 s after clients.timeouts.keepalive, which answers advertise in whole seconds', async () => {
       for (const tls of [false, true]) {
         const answer = await rawExchange(tls ? gh.httpsPort : gh.httpPort, `GET /keepalive HTTP/1.1\r\nHost: ${tls ? 'localhost' : 'plain.test'}\r\n\r\n`, { tls, waitMs: 6_000 });
         assert.equal(answer.status, 200, answer.text);
         assert.equal(answer.closed, true, `tls=${tls}: the idle connection stayed open`);
+        // 600 ms, rounded down to whole seconds (README, clients.timeouts.keepalive).
+        assert.match(answer.text, /\r\nKeep-Alive: timeout=0\r\n/i, `tls=${tls}`);
+        // Closed keepalive + 1 s after the answer (the request and answer take a few ms of the
+        // elapsed time): never before the keepalive itself, nor long after the margin.
+        assert.ok(answer.elapsedMs >= 1_550, `tls=${tls}: closed after ${answer.elapsedMs} ms, before keepalive + 1 s`);
+        assert.ok(answer.elapsedMs < 4_000, `tls=${tls}: closed after ${answer.elapsedMs} ms`);
       }
     });
 

@@ -338,8 +338,12 @@ const clientTimeouts = z.strictObject({
    * connection (HTTP/1) or stream (HTTP/2) is closed. Default `30s`. There is no total deadline, so
    * long uploads that keep moving are never cut. */
   body_idle: deadline.default(30_000),
-  /** An HTTP/1.1 keep-alive connection idle between requests is closed after this (ms). Default `5s`
-   * (Node's default for `http`, which its HTTP/2 server does not apply to HTTP/1 connections). */
+  /** How long an HTTP/1.1 keep-alive connection may stay idle between requests (ms). Default `5s`
+   * (Node's default for `http`, which its HTTP/2 server does not apply to HTTP/1 connections).
+   * Answers advertise it as `Keep-Alive: timeout=N`, N in whole seconds rounded down (Node), and
+   * the connection is closed 1 s after it, so that a client reusing it at the advertised last
+   * moment is not cut off. undici clients keep 2 s in hand and reuse a connection only when N is
+   * over 2: under `3s` they open one per request. */
   keepalive: deadline.default(5_000),
   /** An HTTP/2 session with no open stream is closed (GOAWAY) after this (ms). Default `2m` (nginx `keepalive_timeout` 75 s, Caddy 5 m). */
   idle: deadline.default(120_000),
