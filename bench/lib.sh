@@ -1,5 +1,5 @@
-# Helpers for bench/run.sh: logging, free ports, process start/stop by pid, config rendering,
-# load generators and their output parsing. Sourced, not run.
+# Helpers for bench/run.sh and bench/workers.sh: logging, free ports, process start/stop by pid,
+# config rendering, the backend, load generators and their output parsing. Sourced, not run.
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
