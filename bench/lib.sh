@@ -69,6 +69,29 @@ start() {
   PIDS+=("$STARTED_PID")
 }
 
+# GLIBC_TUNABLES of the Node proxies under test (Gatehouse, parts), as deployed (README: systemd
+# unit, Docker image): glibc's heap trim threshold at 64 MiB. Node >= 22.15 sets it by itself;
+# Node 20 needs it in the environment. BENCH_GLIBC_TUNABLES overrides it
+# ("glibc.malloc.trim_threshold=131072" is glibc's default).
+NODE_GLIBC_TUNABLES=${BENCH_GLIBC_TUNABLES:-glibc.malloc.trim_threshold=67108864}
+
+# start_gatehouse CPU CONFIG: dist/cli.js serving CONFIG on CPU; its pid in STARTED_PID. Sets
+# REASON and returns 1 when it is not built.
+start_gatehouse() {
+  [ -f "$ROOT/dist/cli.js" ] || { REASON="dist/cli.js missing (run npm run build)"; return 1; }
+  start gatehouse "$1" env GLIBC_TUNABLES="$NODE_GLIBC_TUNABLES" node "$ROOT/dist/cli.js" run --config "$2"
+}
+
+# start_caddy CPU GOMAXPROCS: Caddy serving templates/Caddyfile on CPU, its state under $TMP; its
+# pid in STARTED_PID. Sets REASON and returns 1 when it is not installed.
+start_caddy() {
+  command -v caddy >/dev/null || { REASON="caddy not installed"; return 1; }
+  render "$BENCH_DIR/templates/Caddyfile" "$TMP/Caddyfile"
+  mkdir -p "$TMP/caddy-home"
+  start caddy "$1" env GOMAXPROCS="$2" HOME="$TMP/caddy-home" XDG_DATA_HOME="$TMP/caddy-home" \
+    XDG_CONFIG_HOME="$TMP/caddy-home" caddy run --config "$TMP/Caddyfile" --adapter caddyfile
+}
+
 # stop PID: SIGTERM, then SIGKILL after 5 s; waits for it to be gone.
 stop() {
   local pid=$1 i

@@ -101,18 +101,13 @@ start_target() {
     direct)
       TARGET_PLAIN=$BACKEND_PORT; TARGET_TLS=$BACKEND_TLS_PORT; return 0 ;;
     gatehouse)
-      [ -f "$ROOT/dist/cli.js" ] || { REASON="dist/cli.js missing (run npm run build)"; return 1; }
       render "$BENCH_DIR/templates/gatehouse.yaml" "$TMP/gatehouse.yaml"
-      # As deployed (README: systemd unit, Docker image): glibc's heap trim threshold at 64 MiB.
-      # Node >= 22.15 sets it by itself; Node 20 needs it in the environment. BENCH_GLIBC_TUNABLES
-      # overrides it ("glibc.malloc.trim_threshold=131072" is glibc's default).
-      start gatehouse "$CPU_PROXY" env GLIBC_TUNABLES="${BENCH_GLIBC_TUNABLES:-glibc.malloc.trim_threshold=67108864}" \
-        node dist/cli.js run --config "$TMP/gatehouse.yaml"
+      start_gatehouse "$CPU_PROXY" "$TMP/gatehouse.yaml" || return 1
       TARGET_PID=$STARTED_PID ;;
     parts)
       # The same parts as Gatehouse (node:http, node:http2, undici) and none of its own code, with
       # the same heap tuning: the ceiling Gatehouse's code is measured against.
-      start parts "$CPU_PROXY" env GLIBC_TUNABLES="${BENCH_GLIBC_TUNABLES:-glibc.malloc.trim_threshold=67108864}" \
+      start parts "$CPU_PROXY" env GLIBC_TUNABLES="$NODE_GLIBC_TUNABLES" \
         node "$BENCH_DIR/parts-proxy.mjs" "$PLAIN_PORT" "$TLS_PORT" "$BACKEND_PORT" "$WS_PORT" "$CERT" "$KEY"
       TARGET_PID=$STARTED_PID ;;
     nginx)
@@ -120,11 +115,7 @@ start_target() {
       start nginx "$CPU_PROXY" nginx -p "$TMP" -c "$TMP/nginx.conf" -e "$TMP/nginx-proxy-error.log"
       TARGET_PID=$STARTED_PID ;;
     caddy)
-      command -v caddy >/dev/null || { REASON="caddy not installed"; return 1; }
-      render "$BENCH_DIR/templates/Caddyfile" "$TMP/Caddyfile"
-      mkdir -p "$TMP/caddy-home"
-      start caddy "$CPU_PROXY" env GOMAXPROCS=1 HOME="$TMP/caddy-home" XDG_DATA_HOME="$TMP/caddy-home" \
-        XDG_CONFIG_HOME="$TMP/caddy-home" caddy run --config "$TMP/Caddyfile" --adapter caddyfile
+      start_caddy "$CPU_PROXY" 1 || return 1
       TARGET_PID=$STARTED_PID ;;
     haproxy)
       command -v haproxy >/dev/null || { REASON="haproxy not installed"; return 1; }

@@ -46,21 +46,15 @@ start_variant() {
   local target=$1 n=$2
   case $target in
     gatehouse)
-      [ -f "$ROOT/dist/cli.js" ] || { REASON="dist/cli.js missing (run npm run build)"; return 1; }
       # Busy polling off: the cores are shared, and a spinning worker would take the load
       # generator's time.
       render "$BENCH_DIR/templates/gatehouse.yaml" "$TMP/gatehouse.yaml"
       sed -i -e 's/^busy_polling: .*/busy_polling: 0/' "$TMP/gatehouse.yaml"
       printf 'workers: %s\n' "$n" >> "$TMP/gatehouse.yaml"
-      start gatehouse "$CPU_LOAD" env GLIBC_TUNABLES="${BENCH_GLIBC_TUNABLES:-glibc.malloc.trim_threshold=67108864}" \
-        node dist/cli.js run --config "$TMP/gatehouse.yaml"
+      start_gatehouse "$CPU_LOAD" "$TMP/gatehouse.yaml" || return 1
       TARGET_PID=$STARTED_PID ;;
     caddy)
-      command -v caddy >/dev/null || { REASON="caddy not installed"; return 1; }
-      render "$BENCH_DIR/templates/Caddyfile" "$TMP/Caddyfile"
-      mkdir -p "$TMP/caddy-home"
-      start caddy "$CPU_LOAD" env GOMAXPROCS="$n" HOME="$TMP/caddy-home" XDG_DATA_HOME="$TMP/caddy-home" \
-        XDG_CONFIG_HOME="$TMP/caddy-home" caddy run --config "$TMP/Caddyfile" --adapter caddyfile
+      start_caddy "$CPU_LOAD" "$n" || return 1
       TARGET_PID=$STARTED_PID ;;
     *) REASON="unknown target"; return 1 ;;
   esac
@@ -111,7 +105,7 @@ for (( ROUND = 1; ROUND <= ROUNDS; ROUND++ )); do
       TARGET_PID=
       if ! start_variant "$target" "$n"; then
         log "$target $n: $REASON"
-        for scenario in "${SCENARIOS[@]}"; do record "$target:$n" "$scenario" "{\"value\":null,\"error\":$(json_string "$REASON")}"; done
+        for scenario in "${SCENARIOS[@]}"; do record_error "$target:$n" "$scenario" "$REASON"; done
       else
         for scenario in "${SCENARIOS[@]}"; do
           log "$target $n: $scenario"
