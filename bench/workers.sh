@@ -12,6 +12,7 @@
 #                    table gives each figure's median over the rounds
 #   BENCH_TARGETS    comma list (default gatehouse,caddy)
 #   BENCH_INSTALL    0 = never apt-get install missing tools (default 1, as root only)
+#   BENCH_GLIBC_TUNABLES  GLIBC_TUNABLES of Gatehouse (default: the trim threshold at 64 MiB, lib.sh)
 set -uo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
