@@ -7,10 +7,16 @@ import assert from 'node:assert/strict';
 import diagnostics from 'node:diagnostics_channel';
 import type { IncomingMessage } from 'node:http';
 import { after, before, describe, it } from 'node:test';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { request } from 'undici';
 import { startGatehouse, type TestGatehouse } from './helpers/gatehouse.ts';
 import { exchangeOn, rawConnect, rawExchange } from './helpers/raw-http.ts';
 import { startEchoUpstream, type EchoReport } from './helpers/upstreams.ts';
+
+// The idle keep-alive test needs to see what the garbage collector keeps.
+setFlagsFromString('--expose-gc');
+const gc = runInNewContext('gc') as () => void;
 
 type Echo = Awaited<ReturnType<typeof startEchoUpstream>>;
 
@@ -174,6 +180,53 @@ sites:
         // A request without a body is never switched to flowing mode: node:http's dump of an
         // unread request (resume, end, destroy: six process.nextTicks) was skipped for it.
         for (const marker of ['a', 'c', 'e', 'f', 'g']) assert.equal(received.get(marker)!.readableFlowing, null, `${marker}: resumed`);
+      }
+    } finally {
+      diagnostics.unsubscribe('http.server.request.start', onStart);
+    }
+  });
+
+  it('keep-alive: a connection waiting for its next request holds none it has answered, with or without a body', async () => {
+    // node:http's parser keeps its last request (\`parser.incoming\`) until the next one, unless
+    // that request was read to its end; one without a body is never read (its dump is skipped).
+    const seenNow = new Map<string, WeakRef<IncomingMessage>>();
+    const onStart = (message: unknown): void => {
+      const req = (message as { request: IncomingMessage }).request;
+      const marker = /\/held-(\w+)/.exec(req.url ?? '')?.[1];
+      if (marker !== undefined && !seenNow.has(marker)) seenNow.set(marker, new WeakRef(req));
+    };
+    diagnostics.subscribe('http.server.request.start', onStart);
+    try {
+      for (const [port, host, tls] of [[gh.httpPort, 'plain.test', false], [gh.httpsPort, 'localhost', true]] as const) {
+        for (const [marker, bytes] of [
+          ['get', `GET /held-get HTTP/1.1\r\nHost: ${host}\r\n\r\n`],
+          ['post', `POST /held-post HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 5\r\n\r\nhello`],
+        ] as const) {
+          seenNow.clear();
+          const socket = await rawConnect(port, { tls });
+          try {
+            let text = '';
+            await new Promise<void>((resolve, reject) => {
+              socket.on('data', (chunk: Buffer) => {
+                text += chunk.toString('latin1');
+                const head = text.indexOf('\r\n\r\n');
+                const length = Number(/\r\ncontent-length: (\d+)/i.exec(text)?.[1] ?? NaN);
+                if (head >= 0 && text.length - head - 4 >= length) resolve();
+              });
+              socket.once('close', () => reject(new Error(`closed before the answer: ${text}`)));
+              socket.write(bytes);
+            });
+            assert.match(text, /^HTTP\/1\.1 200 /);
+            assert.doesNotMatch(text, /\r\nconnection: close/i);
+            for (let i = 0; i < 3; i++) await new Promise((resolve) => setImmediate(resolve));
+            gc();
+            assert.equal(socket.destroyed, false);
+            assert.ok(seenNow.has(marker), `${marker}: request seen`);
+            assert.ok(seenNow.get(marker)!.deref() === undefined, `${tls ? 'TLS' : 'plain'} ${marker}: the answered request is still held`);
+          } finally {
+            socket.destroy();
+          }
+        }
       }
     } finally {
       diagnostics.unsubscribe('http.server.request.start', onStart);

@@ -261,7 +261,26 @@ type CountedResponse = ClientResponse & { [kCountedSocket]?: Socket };
 /** 'close' listener of a counted response (one shared function, no closure per request). */
 function endCountedRequest(this: CountedResponse): void {
   const socket = this[kCountedSocket];
-  if (socket !== undefined) requestEnded(socket);
+  if (socket === undefined) return;
+  requestEnded(socket);
+  releaseAnsweredRequest(socket, (this as ServerResponse).req);
+}
+
+/** node:http's parser of a connection: `incoming` is the request it parsed last. */
+type ParsingSocket = Socket & { parser?: { incoming: IncomingMessage | null } | null };
+
+/**
+ * Lets an answered request go while its connection waits for the next one. node:http's parser
+ * keeps the request it parsed last (`parser.incoming`) until the next request's head, unless
+ * that request was read to its end (`clearIncoming` in `resOnFinish`); one without a body is never
+ * read (see {@link skipDump}), so each idle keep-alive connection would hold its last request,
+ * its header arrays and listeners (~0.6 KB of heap, ~1 KiB of RSS: bench/README.md, 2026-12-08).
+ * Only a request parsed to its end (`complete`) that is still the parser's last is let go: the
+ * parser needs `incoming` no more for it, and pipelined requests behind it are their own.
+ */
+function releaseAnsweredRequest(socket: Socket, req: IncomingMessage | undefined): void {
+  const parser = (socket as ParsingSocket).parser;
+  if (parser != null && req !== undefined && parser.incoming === req && req.complete) parser.incoming = null;
 }
 
 /**
@@ -297,7 +316,8 @@ type DumpableRequest = IncomingMessage & { _dumped?: boolean };
  * yet the dump runs the readable stream's resume, end and destroy steps, six `process.nextTick`s
  * per request (bench/README.md, 2026-12-07 12:13, "What changed: the dump"). `_dump()` does
  * nothing for a request already marked `_dumped`: the request then never emits 'end' or 'close'
- * (the proxy watches the response's 'close'; a handler may still read it). A Node that no
+ * (the proxy watches the response's 'close'; a handler may still read it), and node:http's parser
+ * would hold it until the next request ({@link releaseAnsweredRequest} lets it go). A Node that no
  * longer reads the field dumps as before. Call only when {@link hasHttp1Body} is false.
  */
 function skipDump(req: IncomingMessage): void {
