@@ -272,11 +272,12 @@ type ParsingSocket = Socket & { parser?: { incoming: IncomingMessage | null } | 
 /**
  * Lets an answered request go while its connection waits for the next one. node:http's parser
  * keeps the request it parsed last (`parser.incoming`) until the next request's head, unless
- * that request was read to its end (`clearIncoming` in `resOnFinish`); one without a body is never
- * read (see {@link skipDump}), so each idle keep-alive connection would hold its last request,
- * its header arrays and listeners (~0.6 KB of heap, ~1 KiB of RSS: bench/README.md, 2026-12-08).
- * Only a request parsed to its end (`complete`) that is still the parser's last is let go: the
- * parser needs `incoming` no more for it, and pipelined requests behind it are their own.
+ * that request was read to its end (`clearIncoming` in `resOnFinish`); one without a body is
+ * never read (see {@link skipDump}), so each idle keep-alive connection would hold its last
+ * request, its header arrays and listeners (~0.6 KB of heap, ~0.5 KiB of RSS: bench/README.md,
+ * 2026-12-07 23:40). Only a request parsed to its end (`complete`) that is still the parser's
+ * last is let go: the parser needs `incoming` no more for it, and pipelined requests behind it
+ * are their own. Does nothing where the parser is not there (HTTP/2, a Node without the field).
  */
 function releaseAnsweredRequest(socket: Socket, req: IncomingMessage | undefined): void {
   const parser = (socket as ParsingSocket).parser;
