@@ -135,20 +135,32 @@ const scenarios = {
   'tls-new': `New TLS connection per request, ${cpus} clients × 16 (handshakes/s)`,
 };
 const values = new Map();
+// Why a measurement gave no figure: the first reason per variant and scenario, shown as a
+// numbered note under the tables (as run.sh's report does).
+const errors = new Map();
 for (const line of require('node:fs').readFileSync(file, 'utf8').split('\n')) {
   const [variant, scenario, json] = line.split('\t');
   if (!json) continue;
   const key = `${variant} ${scenario}`;
   if (!values.has(key)) values.set(key, []);
-  let v; try { v = JSON.parse(json).value; } catch {}
-  values.get(key).push(Number.isFinite(v) ? v : null);
+  let result; try { result = JSON.parse(json); } catch { result = { value: null, error: `unreadable result: ${json}` }; }
+  const ok = Number.isFinite(result.value);
+  values.get(key).push(ok ? result.value : null);
+  if (!ok && !errors.has(key)) errors.set(key, `${variant.split(':')[0]}: ${result.error ?? 'no figure'}`);
 }
+const notes = [];
+const failed = (key) => {
+  const reason = errors.get(key) ?? `${key.split(':')[0]}: not run`;
+  let index = notes.indexOf(reason);
+  if (index === -1) index = notes.push(reason) - 1;
+  return `failed [${index + 1}]`;
+};
 const median = (xs) => {
   const s = xs.filter((x) => x !== null).sort((a, b) => a - b);
   if (s.length === 0) return null;
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
-const fmt = (x) => (x === null ? 'failed' : Math.round(x).toLocaleString('en-US'));
+const fmt = (x, key) => (x === null ? failed(key) : Math.round(x).toLocaleString('en-US'));
 const head = ['Scenario'];
 for (const t of targets.split(',')) {
   const [name, knob] = names[t] ?? [t, ''];
@@ -160,11 +172,12 @@ for (const [scenario, label] of Object.entries(scenarios)) {
   const row = [label];
   const rounds = [scenario];
   for (const t of targets.split(',')) {
-    const one = values.get(`${t}:1 ${scenario}`) ?? [];
-    const two = values.get(`${t}:2 ${scenario}`) ?? [];
+    const keyOne = `${t}:1 ${scenario}`; const keyTwo = `${t}:2 ${scenario}`;
+    const one = values.get(keyOne) ?? [];
+    const two = values.get(keyTwo) ?? [];
     const a = median(one); const b = median(two);
-    row.push(fmt(a), fmt(b), a && b ? `${(b / a).toFixed(2)}×` : '–');
-    rounds.push(one.map(fmt).join(' · '), two.map(fmt).join(' · '));
+    row.push(fmt(a, keyOne), fmt(b, keyTwo), a && b ? `${(b / a).toFixed(2)}×` : '–');
+    rounds.push(one.map((x) => fmt(x, keyOne)).join(' · '), two.map((x) => fmt(x, keyTwo)).join(' · '));
   }
   rows.push(row);
   perRound.push(rounds);
@@ -174,6 +187,7 @@ console.log('\nEvery round, in order:\n');
 const rhead = ['Scenario'];
 for (const t of targets.split(',')) { const [name, knob] = names[t] ?? [t, '']; rhead.push(`${name} ${knob}1`, `${name} ${knob}2`); }
 console.log([rhead, rhead.map((_, i) => (i === 0 ? '---' : '---:')), ...perRound].map((r) => `| ${r.join(' | ')} |`).join('\n'));
+if (notes.length > 0) console.log(`\n${notes.map((note, i) => `[${i + 1}] ${note}`).join('\n')}`);
 EOF
 } > "$BENCH_DIR/results/workers.md"
 cat "$BENCH_DIR/results/workers.md"
