@@ -187,7 +187,7 @@ sites:
   });
 
   it('keep-alive: a connection waiting for its next request holds none it has answered, with or without a body', async () => {
-    // node:http's parser keeps its last request (\`parser.incoming\`) until the next one, unless
+    // node:http's parser keeps its last request (`parser.incoming`) until the next one, unless
     // that request was read to its end; one without a body is never read (its dump is skipped).
     const seenNow = new Map<string, WeakRef<IncomingMessage>>();
     const onStart = (message: unknown): void => {
